@@ -1,0 +1,378 @@
+"""Intrinsic dimension from a kNN graph: TwoNN (fit and maximum likelihood), GRIDE, scale dependence.
+
+Conventions follow DADApy 0.3.4 (the reference the tests compare against), with one deliberate
+difference: neighbour ranks are 1-based with the point itself excluded by index, so column r-1 of
+`distances` holds the distance to the r-th neighbour.
+
+Public functions validate on the host and return Python floats / numpy arrays. The `*_from_mus`
+kernels are pure, jit-able and vmappable (across scales, layers or bootstrap repeats).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idjax import validation
+from idjax.neighbors import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    EXTRA_CANDIDATES,
+    _knn_blocks,
+    choose_block_size,
+    compute_dtype,
+    find_duplicates,
+)
+
+# DADApy's GRIDE settings: bisection bracket and width, floors for 1 - mu^-d, nudge for mu == 1,
+# and the outlier rule mu >= q50 + OUTLIER_SCALE * (q95 - q50).
+GRIDE_BRACKET = (1e-3, 1e3)
+GRIDE_TOL = 1e-7
+GRIDE_SCORE_FLOOR = 2e-7
+GRIDE_FISHER_FLOOR = 1e-7
+OUTLIER_SCALE = 20.0
+_MAX_BISECTIONS = 80  # bracket width 1e6 -> 1e-7 takes 44 halvings; float32 may never reach 1e-7
+
+
+class Estimate(float):
+    """A float ID estimate that also says how many points it used and how many were dropped."""
+
+    n_points: int
+    n_dropped: int
+
+    def __new__(cls, value: float, n_points: int, n_dropped: int = 0):
+        obj = super().__new__(cls, value)
+        obj.n_points = int(n_points)
+        obj.n_dropped = int(n_dropped)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"Estimate({float(self)!r}, n_points={self.n_points}, n_dropped={self.n_dropped})"
+
+
+class _NamedResult(tuple):
+    """A tuple with named fields plus `n_dropped`; unpacks like the plain tuple it stands for."""
+
+    _fields: tuple[str, ...] = ()
+
+    def __new__(cls, *values, n_dropped: int = 0):
+        obj = super().__new__(cls, values)
+        obj.n_dropped = int(n_dropped)
+        return obj
+
+    def __getattr__(self, name):
+        if name in type(self)._fields:
+            return self[type(self)._fields.index(name)]
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{f}={v!r}" for f, v in zip(type(self)._fields, self, strict=True))
+        return f"{type(self).__name__}({items}, n_dropped={self.n_dropped})"
+
+
+class GrideEstimate(_NamedResult):
+    """(id, err) at one pair of ranks."""
+
+    _fields = ("id", "err")
+
+
+class GrideScaling(_NamedResult):
+    """(ids, errs, ranks): ids/errs (S,) float, ranks (S,) int = n2 of each scale (n1 = n2 / 2)."""
+
+    _fields = ("ids", "errs", "ranks")
+
+
+class DecimationScaling(_NamedResult):
+    """(ids, errs, sizes): TwoNN mean over repeats, its standard error, and the subset size, (S,) each."""
+
+    _fields = ("ids", "errs", "sizes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure kernels on ratios mu (jit-able, vmappable).
+
+
+def twonn_from_mus(mus: jax.Array, valid: jax.Array, *, method: str = "fit", fraction: float = 0.9) -> jax.Array:
+    """TwoNN from ratios mu_i = r_i2 / r_i1.
+
+    Args:
+      mus: (N,) ratios >= 1.
+      valid: (N,) bool, which points take part (others are ignored as if absent).
+      method: "fit": least squares through the origin of -log(1 - j/N) on the n = floor(N*fraction)
+        smallest log mu (j = 1..n, denominator N as in DADApy); "mle": (N - 1) / sum(log mu).
+      fraction: kept fraction for "fit".
+
+    Returns:
+      scalar ID.
+    """
+    dtype = mus.dtype
+    log_mu = jnp.where(valid, jnp.log(jnp.where(valid, mus, 1.0)), 0.0)
+    n = jnp.sum(valid).astype(dtype)
+    if method == "mle":
+        return (n - 1.0) / jnp.sum(log_mu)
+    if method != "fit":
+        raise ValueError(f"method must be 'fit' or 'mle'; got {method!r}")
+    x = jnp.sort(jnp.where(valid, log_mu, jnp.inf))
+    j = jnp.arange(1, mus.shape[0] + 1, dtype=dtype)
+    # int(N * fraction) in float64 on the host would be exact; here N*fraction is evaluated in `dtype`.
+    n_keep = jnp.floor(n * jnp.asarray(fraction, dtype))
+    use = j <= n_keep
+    y = jnp.where(use, -jnp.log1p(-jnp.where(use, j / n, 0.0)), 0.0)
+    x = jnp.where(use, x, 0.0)
+    return jnp.sum(x * y) / jnp.sum(x * x)
+
+
+def _gride_neg_score(d, log_mu, valid, n1, n2, n):
+    """Minus the derivative of the GRIDE log-likelihood in d (DADApy's sign convention)."""
+    one_minus = 1.0 - jnp.exp(-d * log_mu)
+    one_minus = jnp.where(one_minus < GRIDE_SCORE_FLOOR, GRIDE_SCORE_FLOOR, one_minus)
+    terms = ((1.0 - n2 + n1) / one_minus + n2 - 1.0) * log_mu
+    return jnp.sum(jnp.where(valid, terms, 0.0)) - (n - 1.0) / d
+
+
+def gride_log_likelihood(d, mus, valid, n1, n2) -> jax.Array:
+    """The GRIDE log-likelihood of ID `d` for ratios mu = r_n2 / r_n1 (valid points only)."""
+    dtype = mus.dtype
+    n = jnp.sum(valid).astype(dtype)
+    log_mu = jnp.where(valid, jnp.log(jnp.where(valid, mus, 2.0)), 1.0)
+    k = n2 - n1
+    log_beta = jax.scipy.special.gammaln(k) + jax.scipy.special.gammaln(n1) - jax.scipy.special.gammaln(n2)
+    terms = (k - 1.0) * jnp.log(jnp.expm1(d * log_mu)) - ((n2 - 1.0) * d + 1.0) * log_mu
+    return (n - 1.0) * jnp.log(d) + jnp.sum(jnp.where(valid, terms, 0.0)) - n * log_beta
+
+
+def gride_from_mus(mus: jax.Array, valid: jax.Array, n1, n2, *, remove_outliers: bool = True
+                   ) -> tuple[jax.Array, jax.Array]:
+    """GRIDE maximum-likelihood ID and its Cramer-Rao error from ratios mu = r_n2 / r_n1.
+
+    Args:
+      mus: (N,) ratios >= 1. mu == 1 exactly is nudged by 10 eps as in DADApy.
+      valid: (N,) bool.
+      n1, n2: ranks, n1 < n2 (Python or traced scalars, so this vmaps across scales).
+      remove_outliers: drop mu >= q50 + 20 (q95 - q50) before the fit, as DADApy does.
+
+    Returns:
+      (id, err), scalars. The bisection runs on [1e-3, 1e3] to width 1e-7 like DADApy's.
+    """
+    dtype = mus.dtype
+    n1 = jnp.asarray(n1, dtype)
+    n2 = jnp.asarray(n2, dtype)
+    eps = jnp.finfo(dtype).eps
+    mus = jnp.where(mus == 1.0, mus + 10.0 * eps, mus)
+    fit_valid = valid
+    if remove_outliers:
+        q95, q50 = jnp.nanpercentile(jnp.where(valid, mus, jnp.nan), jnp.array([95.0, 50.0], dtype))
+        fit_valid = valid & (mus < q50 + OUTLIER_SCALE * (q95 - q50))
+    log_mu = jnp.log(jnp.where(valid, mus, 2.0))
+    n_fit = jnp.sum(fit_valid).astype(dtype)
+
+    lo, hi = (jnp.asarray(b, dtype) for b in GRIDE_BRACKET)
+    sign_hi = jnp.sign(_gride_neg_score(hi, log_mu, fit_valid, n1, n2, n_fit))
+
+    def cond(state):
+        lo, hi, it = state
+        return (jnp.abs(lo - hi) > GRIDE_TOL) & (it < _MAX_BISECTIONS)
+
+    def body(state):
+        lo, hi, it = state
+        mid = (lo + hi) / 2.0
+        same = jnp.sign(_gride_neg_score(mid, log_mu, fit_valid, n1, n2, n_fit)) * sign_hi > 0
+        return jnp.where(same, lo, mid), jnp.where(same, mid, hi), it + 1
+
+    lo, hi, _ = jax.lax.while_loop(cond, body, (lo, hi, jnp.asarray(0)))
+    d = (lo + hi) / 2.0
+
+    # Fisher information over all valid mu (DADApy evaluates it before outlier removal).
+    n_all = jnp.sum(valid).astype(dtype)
+    mu_minus_d = jnp.exp(-d * log_mu)
+    one_minus = jnp.maximum(1.0 - mu_minus_d, GRIDE_FISHER_FLOOR)
+    info_terms = jnp.where(valid, (log_mu / one_minus) ** 2 * mu_minus_d, 0.0)
+    fisher = n_all / d**2 + (n2 - n1 - 1.0) * jnp.sum(info_terms)
+    return d, 1.0 / jnp.sqrt(fisher)
+
+
+_gride_from_mus_jit = jax.jit(gride_from_mus, static_argnames=("remove_outliers",))
+_gride_scales_jit = jax.jit(jax.vmap(gride_from_mus, in_axes=(1, 1, 0, 0)))
+_twonn_jit = jax.jit(twonn_from_mus, static_argnames=("method",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-level API with validation and the duplicates policy.
+
+
+def _float_dtype(distances) -> jnp.dtype:
+    if jnp.dtype(distances.dtype) == jnp.float64 and jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def _ratios(distances, n1: int, n2: int, duplicates: str) -> tuple[jax.Array, jax.Array, int]:
+    """mu = r_n2 / r_n1 and the validity mask under the duplicates policy; also the dropped count."""
+    validation.check_duplicates_policy(duplicates)
+    distances = validation.as_distances(distances, min_columns=n2)
+    r1 = np.asarray(distances[:, n1 - 1])
+    zero = r1 <= 0.0
+    n_zero = int(zero.sum())
+    if n_zero and duplicates == "error":
+        raise ValueError(
+            f"{n_zero} of {len(r1)} points have a zero distance to their neighbour of rank {n1} "
+            "(duplicate points), which makes the distance ratio infinite. Remove duplicates first "
+            "(idjax.find_duplicates) or pass duplicates='drop' to leave those points out."
+        )
+    if len(r1) - n_zero < 3:
+        raise ValueError(f"only {len(r1) - n_zero} points remain after dropping duplicates; need >= 3")
+    dtype = _float_dtype(distances)
+    d = jnp.asarray(distances, dtype)
+    valid = jnp.asarray(~zero)
+    mus = jnp.where(valid, d[:, n2 - 1] / jnp.where(valid, d[:, n1 - 1], 1.0), 1.0)
+    return mus, valid, n_zero
+
+
+def twonn(distances, *, method: str = "fit", fraction: float = 0.9, duplicates: str = "error") -> Estimate:
+    """TwoNN intrinsic dimension from a kNN distance matrix.
+
+    Args:
+      distances: (N, k) ascending neighbour distances, k >= 2, self excluded (as `idjax.knn` gives).
+      method: "fit" (DADApy's "base": linear fit through the origin on the `fraction` smallest
+        log mu) or "mle" ((N - 1) / sum log mu).
+      fraction: kept fraction for "fit" (DADApy default 0.9; the paper's scripts use 0.98).
+      duplicates: "error" (default) or "drop" points whose nearest neighbour is at distance 0.
+
+    Returns:
+      Estimate (a float) with `.n_points` used and `.n_dropped`.
+    """
+    if method not in ("fit", "mle"):
+        raise ValueError(f"method must be 'fit' or 'mle'; got {method!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    mus, valid, n_dropped = _ratios(distances, 1, 2, duplicates)
+    value = float(_twonn_jit(mus, valid, method=method, fraction=fraction))
+    return Estimate(value, int(valid.sum()), n_dropped)
+
+
+def gride(distances, n1: int = 1, n2: int = 2, *, duplicates: str = "error") -> GrideEstimate:
+    """GRIDE intrinsic dimension and error at neighbour ranks (n1, n2), 1 <= n1 < n2 <= k.
+
+    Returns:
+      GrideEstimate (id, err) that unpacks as a pair and carries `.n_dropped`.
+    """
+    if not (isinstance(n1, int | np.integer) and isinstance(n2, int | np.integer)) or not 1 <= n1 < n2:
+        raise ValueError(f"need integer ranks 1 <= n1 < n2; got n1={n1}, n2={n2}")
+    mus, valid, n_dropped = _ratios(distances, int(n1), int(n2), duplicates)
+    d, err = _gride_from_mus_jit(mus, valid, n1, n2)
+    return GrideEstimate(float(d), float(err), n_dropped=n_dropped)
+
+
+def gride_ranks(range_max: int, n_neighbors: int) -> np.ndarray:
+    """n2 = 2, 4, 8, ... <= min(range_max, n_neighbors): the scales of `gride_scaling`."""
+    top = min(range_max, n_neighbors)
+    if top < 2:
+        raise ValueError(f"GRIDE needs at least 2 neighbours (range_max={range_max}, k={n_neighbors})")
+    return 2 ** np.arange(1, int(math.log2(top)) + 1)
+
+
+def gride_scaling(distances, range_max: int = 64, *, duplicates: str = "error") -> GrideScaling:
+    """GRIDE at every scale (n1, n2) = (2^(i-1), 2^i), n2 = 2, 4, ... <= range_max.
+
+    Args:
+      distances: (N, k) ascending neighbour distances with k >= range_max (or the largest power of
+        two <= k is used when k < range_max and the caller did not ask for more than it has).
+      range_max: the largest n2.
+      duplicates: "error" or "drop" points whose nearest neighbour is at distance 0 (dropped from
+        every scale so all scales use the same points).
+
+    Returns:
+      GrideScaling(ids (S,), errs (S,), ranks (S,) = n2), carrying `.n_dropped`.
+    """
+    distances = validation.as_distances(distances, min_columns=2)
+    if range_max > distances.shape[1]:
+        raise ValueError(
+            f"range_max = {range_max} needs neighbours up to rank {range_max} but the kNN graph has "
+            f"k = {distances.shape[1]}; recompute it with k >= {range_max}"
+        )
+    ranks = gride_ranks(range_max, distances.shape[1])
+    # A positive rank-1 distance makes every ratio finite, so one mask serves all scales.
+    _, valid, n_dropped = _ratios(distances, 1, 2, duplicates)
+    dtype = _float_dtype(distances)
+    d = jnp.asarray(distances, dtype)
+    safe = jnp.where(valid[:, None], d, 1.0)
+    mus = safe[:, ranks - 1] / safe[:, ranks // 2 - 1]
+    valids = jnp.broadcast_to(valid[:, None], mus.shape)
+    ids, errs = _gride_scales_jit(mus, valids, jnp.asarray(ranks // 2, dtype), jnp.asarray(ranks, dtype))
+    return GrideScaling(np.asarray(ids), np.asarray(errs), ranks, n_dropped=n_dropped)
+
+
+def _twonn_on_subsets(subsets: jax.Array, *, method: str, fraction: float) -> np.ndarray:
+    """TwoNN on each of R subsets (R, S, D), with a fresh exact kNN inside each subset (vmapped)."""
+    repeats, size, dim = subsets.shape
+    dtype = compute_dtype(subsets)
+    k_search = min(2 + EXTRA_CANDIDATES, size)
+    block = min(choose_block_size(size, dim, k_search, DEFAULT_MEMORY_BUDGET_BYTES // repeats,
+                                  dtype.itemsize), -(-size // 8) * 8)
+    search = functools.partial(_knn_blocks, k=2, k_search=k_search, block_size=block, exclude_self=True)
+    dist, _ = jax.vmap(lambda s: search(s, s))(subsets.astype(dtype))
+    if bool((dist[..., 0] <= 0).any()):
+        raise ValueError("a decimation subset contains duplicate points")
+    return np.asarray(_twonn_batched(dist[..., 1] / dist[..., 0], method, fraction))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _twonn_batched(mus: jax.Array, method: str, fraction: float) -> jax.Array:
+    return jax.vmap(lambda m: twonn_from_mus(m, jnp.ones(m.shape, bool), method=method, fraction=fraction))(mus)
+
+
+def twonn_decimation(
+    x,
+    *,
+    fraction: float = 0.9,
+    method: str = "fit",
+    min_size: int = 20,
+    seed: int = 0,
+    duplicates: str = "error",
+) -> DecimationScaling:
+    """TwoNN scale dependence by decimation.
+
+    For i = 0, 1, ...: shuffle the N points once per level, cut them into 2^i disjoint subsets of
+    size round(N / 2^i) (the last points left over are unused), estimate TwoNN on each subset with a
+    fresh kNN inside it, and report the mean and the standard error std / sqrt(repeats). Smaller
+    subsets probe larger scales. At i = 0 (one repeat) the error is the asymptotic MLE error ID/sqrt(N).
+
+    Args:
+      x: (N, D) points.
+      fraction, method: as in `twonn`.
+      min_size: smallest subset size (levels stop before going below it).
+      seed: permutation seed.
+      duplicates: "error" or "drop" exact duplicate rows of x before decimating.
+
+    Returns:
+      DecimationScaling(ids, errs, sizes), each (S,), sizes descending; `.n_dropped` duplicates.
+    """
+    x = validation.as_points(x, "x", min_points=3)
+    validation.check_duplicates_policy(duplicates)
+    dup = find_duplicates(x)
+    if dup.count:
+        if duplicates == "error":
+            raise ValueError(
+                f"x has {dup.count} duplicate rows; remove them or pass duplicates='drop'"
+            )
+        x = np.asarray(x)[dup.keep]
+    n = x.shape[0]
+    if n < max(min_size, 3):
+        raise ValueError(f"decimation needs at least {max(min_size, 3)} distinct points; got {n}")
+    rng = np.random.default_rng(seed)
+    ids, errs, sizes = [], [], []
+    level = 0
+    while round(n / 2**level) >= max(min_size, 3):
+        size = round(n / 2**level)
+        repeats = n // size
+        order = rng.permutation(n)
+        subsets = jnp.asarray(x)[order[: repeats * size]].reshape(repeats, size, -1)
+        est = _twonn_on_subsets(subsets, method=method, fraction=fraction)
+        ids.append(est.mean())
+        errs.append(est.std() / math.sqrt(repeats) if repeats > 1 else est[0] / math.sqrt(size))
+        sizes.append(size)
+        level += 1
+    return DecimationScaling(np.asarray(ids), np.asarray(errs), np.asarray(sizes), n_dropped=dup.count)

@@ -1,0 +1,144 @@
+"""Exact Euclidean k-nearest-neighbour graphs, blocked so memory stays bounded, and duplicate detection.
+
+The kNN graph is the only O(N^2 D) step of a layer profile; everything downstream (TwoNN, GRIDE,
+overlaps) reads it in O(N k). Distances come from the GEMM form ||q||^2 + ||r||^2 - 2 q.r at the
+highest matmul precision with fp32 (or fp64) accumulation; because that form cancels
+catastrophically for near-duplicates, the few candidates it selects are re-ranked with the exact
+difference form sum((q - r)^2), which also fixes their reported distances.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idjax import validation
+
+DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
+# Candidates beyond k re-ranked exactly, so near-ties at the k boundary are decided by exact distances.
+EXTRA_CANDIDATES = 8
+
+
+class Neighbors(NamedTuple):
+    """The kNN graph. distances: (N, k) ascending; indices: (N, k) int32, rank 1 first."""
+
+    distances: jax.Array
+    indices: jax.Array
+
+
+def compute_dtype(x: jax.Array | np.ndarray) -> jnp.dtype:
+    """float64 when the input is float64 and x64 is enabled, else float32 (bf16/fp16 accumulate in fp32)."""
+    if jnp.dtype(x.dtype) == jnp.float64 and jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def choose_block_size(n_ref: int, dim: int, k_search: int, memory_budget_bytes: int, itemsize: int = 4) -> int:
+    """Query rows per block so one block's working set (~3 (b, n_ref) matrices + candidates) fits."""
+    per_row = itemsize * (3 * n_ref + 2 * k_search * dim + 4 * k_search)
+    rows = max(8, int(memory_budget_bytes // max(per_row, 1)))
+    return int(min(rows // 8 * 8 if rows >= 8 else 8, 4096))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "k_search", "block_size", "exclude_self"))
+def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, block_size: int,
+                exclude_self: bool) -> tuple[jax.Array, jax.Array]:
+    n_query = queries.shape[0]
+    n_blocks = -(-n_query // block_size)
+    padded = jnp.pad(queries, ((0, n_blocks * block_size - n_query), (0, 0)))
+    ref_sq = jnp.sum(ref * ref, axis=-1)
+    columns = jnp.arange(ref.shape[0], dtype=jnp.int32)
+
+    def one_block(block_index):
+        start = block_index * block_size
+        q = jax.lax.dynamic_slice_in_dim(padded, start, block_size)
+        dots = jnp.matmul(q, ref.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=q.dtype)
+        d2 = jnp.sum(q * q, axis=-1)[:, None] + ref_sq[None, :] - 2.0 * dots
+        rows = start + jnp.arange(block_size, dtype=jnp.int32)
+        if exclude_self:  # by index, never by position: duplicates of a point are real neighbours
+            d2 = jnp.where(columns[None, :] == rows[:, None], jnp.inf, d2)
+        _, candidates = jax.lax.top_k(-d2, k_search)
+        diff = q[:, None, :] - ref[candidates]
+        exact = jnp.sum(diff * diff, axis=-1)
+        if exclude_self:
+            exact = jnp.where(candidates == rows[:, None], jnp.inf, exact)
+        # Sort by (distance, index) so ties resolve to the lower index, deterministically.
+        exact, candidates = jax.lax.sort((exact, candidates), dimension=-1, num_keys=2)
+        return jnp.sqrt(exact[:, :k]), candidates[:, :k]
+
+    dist, idx = jax.lax.map(one_block, jnp.arange(n_blocks))
+    return dist.reshape(-1, k)[:n_query], idx.reshape(-1, k)[:n_query]
+
+
+def knn(
+    x: jax.Array | np.ndarray,
+    k: int,
+    *,
+    y: jax.Array | np.ndarray | None = None,
+    block_size: int | None = None,
+    memory_budget_bytes: int | None = None,
+) -> Neighbors:
+    """Exact Euclidean nearest neighbours 1..k of every row of `x`.
+
+    Args:
+      x: (N, D) query points (float32/64, bf16/fp16 accepted and accumulated in fp32).
+      k: number of neighbours.
+      y: optional (M, D) reference set; if given, neighbours of each x row are searched among y and
+        nothing is excluded. If absent, neighbours are searched in x itself and each point is excluded
+        from its own list by index (so an exact duplicate appears as a neighbour at distance 0).
+      block_size: query rows per block; default from `memory_budget_bytes`.
+      memory_budget_bytes: bound on the working set of one block (default 512 MiB).
+
+    Returns:
+      Neighbors(distances (N, k) ascending float32 (float64 under x64 with float64 input),
+                indices (N, k) int32).
+    """
+    x = validation.as_points(x, "x")
+    ref = x if y is None else validation.as_points(y, "y")
+    if ref.shape[1] != x.shape[1]:
+        raise ValueError(f"x has dimension {x.shape[1]} but y has dimension {ref.shape[1]}")
+    available = ref.shape[0] - (1 if y is None else 0)
+    validation.check_k(k, available, what="neighbours", n_points=ref.shape[0])
+    dtype = compute_dtype(x)
+    x = jnp.asarray(x, dtype)
+    ref = x if y is None else jnp.asarray(ref, dtype)
+    k_search = min(k + EXTRA_CANDIDATES, ref.shape[0])
+    if block_size is None:
+        budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
+        block_size = choose_block_size(ref.shape[0], ref.shape[1], k_search, budget, dtype.itemsize)
+    block_size = int(min(block_size, max(8, math.ceil(x.shape[0] / 8) * 8)))
+    dist, idx = _knn_blocks(x, ref, k=int(k), k_search=int(k_search), block_size=block_size,
+                            exclude_self=y is None)
+    return Neighbors(dist, idx)
+
+
+class Duplicates(NamedTuple):
+    """Exact duplicate rows. is_duplicate: (N,) bool, True for every copy after the first occurrence;
+    first_occurrence: (N,) int, index of the first row equal to each row."""
+
+    is_duplicate: np.ndarray
+    first_occurrence: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.is_duplicate.sum())
+
+    @property
+    def keep(self) -> np.ndarray:
+        """Indices of the rows to keep (first occurrences), ascending."""
+        return np.flatnonzero(~self.is_duplicate)
+
+
+def find_duplicates(x: jax.Array | np.ndarray) -> Duplicates:
+    """Finds rows of `x` (N, D) that exactly equal an earlier row (0.0 and -0.0 count as equal)."""
+    x = validation.as_points(x, "x", min_points=1)
+    arr = np.ascontiguousarray(np.asarray(x) + 0.0)  # + 0.0 maps -0.0 to 0.0 before comparing bytes
+    rows = arr.view(np.dtype((np.void, arr.dtype.itemsize * arr.shape[1]))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    first_occurrence = first[inverse.ravel()]
+    return Duplicates(first_occurrence != np.arange(len(rows)), first_occurrence)

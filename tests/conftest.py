@@ -1,0 +1,23 @@
+"""Shared pytest fixtures: where ../shared/data lives, and whether its absence is an error."""
+
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("IDJAX_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """Path of the shared real datasets; skips (or fails under CI's IDJAX_REQUIRE_SHARED_DATA=1)."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        if os.environ.get("IDJAX_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(f"IDJAX_SHARED_DATA={path} does not exist but IDJAX_REQUIRE_SHARED_DATA=1")
+        pytest.skip(f"shared data not found at {path}")
+    return path

@@ -1,0 +1,124 @@
+"""idjax.knn against a brute-force numpy reference, duplicates, validation."""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import idjax
+
+
+def brute_force(x, k, y=None):
+    """float64 numpy reference: distances ascending, ties to the lower index, self excluded by index."""
+    x = np.asarray(x, np.float64)
+    ref = x if y is None else np.asarray(y, np.float64)
+    d = np.sqrt(((x[:, None, :] - ref[None, :, :]) ** 2).sum(-1))
+    if y is None:
+        np.fill_diagonal(d, np.inf)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, idx, 1), idx
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(6, 70),
+    dim=st.integers(1, 9),
+    k_frac=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+    block=st.sampled_from([None, 8, 16]),
+)
+def test_knn_matches_brute_force(n, dim, k_frac, seed, block):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    k = max(1, int(k_frac * (n - 1)))
+    dist, idx = idjax.knn(x, k, block_size=block)
+    ref_d, ref_i = brute_force(x, k)
+    np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-5, atol=1e-5)
+    # Index sets may only differ where two distances tie within float32 resolution.
+    mismatch = np.asarray(idx) != ref_i
+    if mismatch.any():
+        np.testing.assert_allclose(np.asarray(dist)[mismatch], ref_d[mismatch], rtol=1e-5)
+
+
+def test_knn_shapes_dtypes_and_query_mode():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    y = rng.normal(size=(30, 4)).astype(np.float32)
+    dist, idx = idjax.knn(x, 5, y=y)
+    assert dist.shape == (50, 5) and dist.dtype == np.float32 and idx.dtype == np.int32
+    ref_d, ref_i = brute_force(x, 5, y)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+    np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-6)
+
+
+def test_knn_float64_under_x64():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 3))
+    with jax.enable_x64(True):
+        dist, idx = idjax.knn(x, 4)
+        assert dist.dtype == np.float64
+        ref_d, ref_i = brute_force(x, 4)
+        np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-12)
+        np.testing.assert_array_equal(np.asarray(idx), ref_i)
+
+
+def test_knn_bfloat16_input_accumulates_in_float32():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 16)).astype(jax.numpy.bfloat16)
+    dist, idx = idjax.knn(x, 3)
+    assert dist.dtype == np.float32
+    ref_d, ref_i = brute_force(np.asarray(x, np.float32), 3)
+    np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-5)
+
+
+def test_near_duplicates_are_exact():
+    # The GEMM form cancels catastrophically for points 1e-4 apart at norm 1e3; the exact
+    # re-ranking must recover the true distance.
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(20, 8)).astype(np.float32) * 1000
+    x = np.vstack([base, base + np.float32(1e-2)])
+    dist, idx = idjax.knn(x, 1)
+    ref_d, ref_i = brute_force(x, 1)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+    np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-3)
+
+
+def test_self_excluded_by_index_not_position():
+    x = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], np.float32)
+    dist, idx = idjax.knn(x, 2)
+    # Point 1 is an exact copy of point 0: each is the other's neighbour at distance 0.
+    assert idx[0, 0] == 1 and idx[1, 0] == 0
+    assert dist[0, 0] == 0 and dist[1, 0] == 0
+    assert (np.asarray(idx) != np.arange(4)[:, None]).all()
+
+
+def test_find_duplicates():
+    x = np.array([[1.0, 2.0], [0.0, 0.0], [1.0, 2.0], [-0.0, 0.0], [5.0, 5.0]])
+    dup = idjax.find_duplicates(x)
+    assert dup.count == 2
+    np.testing.assert_array_equal(dup.is_duplicate, [False, False, True, True, False])
+    np.testing.assert_array_equal(dup.first_occurrence, [0, 1, 0, 1, 4])
+    np.testing.assert_array_equal(dup.keep, [0, 1, 4])
+
+
+@pytest.mark.parametrize(
+    "x, k, message",
+    [
+        (np.zeros(5), 2, "2-D"),
+        (np.zeros((3, 2, 2)), 2, "2-D"),
+        (np.array([[0.0, 1.0], [np.nan, 1.0], [2.0, 2.0]]), 1, "NaN"),
+        (np.array([[0.0, 1.0], [np.inf, 1.0], [2.0, 2.0]]), 1, "NaN/inf"),
+        (np.random.default_rng(0).normal(size=(5, 2)), 5, "need N > k"),
+        (np.random.default_rng(0).normal(size=(5, 2)), 0, "k must be >= 1"),
+        (np.array([["a", "b"], ["c", "d"]]), 1, "numeric"),
+    ],
+)
+def test_knn_rejects_bad_input(x, k, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        idjax.knn(x, k)
+
+
+def test_knn_rejects_dimension_mismatch():
+    with pytest.raises(ValueError, match="dimension"):
+        idjax.knn(np.zeros((4, 3)), 1, y=np.zeros((4, 2)))
