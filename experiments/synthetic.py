@@ -14,11 +14,15 @@ import idjax
 def manifold(name: str, n: int, dim: int, ambient: int, seed: int = 0) -> np.ndarray:
     """Points on a manifold of intrinsic dimension `dim` (except 'swiss_roll': 2) in R^ambient.
 
-    linear: uniform in a random dim-subspace; sphere: uniform on S^dim (dim + 1 coordinates);
-    swiss_roll: the 2-D roll in R^3. Then padded with zeros and randomly rotated into R^ambient.
+    linear: standard Gaussian in a random dim-subspace (no boundary); cube: uniform in [-1, 1]^dim
+    (its boundary biases every nearest-neighbour estimator low as dim grows); sphere: uniform on
+    S^dim (dim + 1 coordinates); swiss_roll: the 2-D roll in R^3. Then padded with zeros and randomly
+    rotated into R^ambient.
     """
     rng = np.random.default_rng(seed)
     if name == "linear":
+        z = rng.normal(size=(n, dim))
+    elif name == "cube":
         z = rng.uniform(-1, 1, size=(n, dim))
     elif name == "sphere":
         z = rng.normal(size=(n, dim + 1))
@@ -28,7 +32,7 @@ def manifold(name: str, n: int, dim: int, ambient: int, seed: int = 0) -> np.nda
         h = 21 * rng.uniform(size=n)
         z = np.stack([t * np.cos(t), h, t * np.sin(t)], axis=1)
     else:
-        raise ValueError(f"unknown manifold {name!r}; choose linear, sphere or swiss_roll")
+        raise ValueError(f"unknown manifold {name!r}; choose linear, cube, sphere or swiss_roll")
     if z.shape[1] > ambient:
         raise ValueError(f"ambient dimension {ambient} < embedding dimension {z.shape[1]}")
     padded = np.hstack([z, np.zeros((n, ambient - z.shape[1]))])

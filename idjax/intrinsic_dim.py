@@ -19,12 +19,10 @@ import numpy as np
 
 from idjax import validation
 from idjax.neighbors import (
-    DEFAULT_MEMORY_BUDGET_BYTES,
     EXTRA_CANDIDATES,
-    _knn_blocks,
-    choose_block_size,
     compute_dtype,
     find_duplicates,
+    knn,
 )
 
 # DADApy's GRIDE settings: bisection bracket and width, floors for 1 - mu^-d, nudge for mu == 1,
@@ -210,20 +208,23 @@ def _float_dtype(distances) -> jnp.dtype:
 
 
 def _ratios(distances, n1: int, n2: int, duplicates: str) -> tuple[jax.Array, jax.Array, int]:
-    """mu = r_n2 / r_n1 and the validity mask under the duplicates policy; also the dropped count."""
+    """mu = r_n2 / r_n1 and the validity mask under the duplicates policy; also the dropped count.
+
+    A point is a duplicate when its nearest neighbour is at distance 0; under "drop" it is left out
+    at every rank, so all estimators on one graph use the same points.
+    """
     validation.check_duplicates_policy(duplicates)
     distances = validation.as_distances(distances, min_columns=n2)
-    r1 = np.asarray(distances[:, n1 - 1])
-    zero = r1 <= 0.0
+    zero = np.asarray(distances[:, 0]) <= 0.0
     n_zero = int(zero.sum())
     if n_zero and duplicates == "error":
         raise ValueError(
-            f"{n_zero} of {len(r1)} points have a zero distance to their neighbour of rank {n1} "
-            "(duplicate points), which makes the distance ratio infinite. Remove duplicates first "
+            f"{n_zero} of {len(zero)} points have a zero distance to their nearest neighbour "
+            "(duplicate points), which makes distance ratios infinite. Remove duplicates first "
             "(idjax.find_duplicates) or pass duplicates='drop' to leave those points out."
         )
-    if len(r1) - n_zero < 3:
-        raise ValueError(f"only {len(r1) - n_zero} points remain after dropping duplicates; need >= 3")
+    if len(zero) - n_zero < 3:
+        raise ValueError(f"only {len(zero) - n_zero} points remain after dropping duplicates; need >= 3")
     dtype = _float_dtype(distances)
     d = jnp.asarray(distances, dtype)
     valid = jnp.asarray(~zero)
@@ -306,17 +307,32 @@ def gride_scaling(distances, range_max: int = 64, *, duplicates: str = "error") 
 
 
 def _twonn_on_subsets(subsets: jax.Array, *, method: str, fraction: float) -> np.ndarray:
-    """TwoNN on each of R subsets (R, S, D), with a fresh exact kNN inside each subset (vmapped)."""
-    repeats, size, dim = subsets.shape
-    dtype = compute_dtype(subsets)
-    k_search = min(2 + EXTRA_CANDIDATES, size)
-    block = min(choose_block_size(size, dim, k_search, DEFAULT_MEMORY_BUDGET_BYTES // repeats,
-                                  dtype.itemsize), -(-size // 8) * 8)
-    search = functools.partial(_knn_blocks, k=2, k_search=k_search, block_size=block, exclude_self=True)
-    dist, _ = jax.vmap(lambda s: search(s, s))(subsets.astype(dtype))
+    """TwoNN on each of R subsets (R, S, D), with a fresh exact kNN inside each subset."""
+    repeats, size, _ = subsets.shape
+    if size > 2048:  # few, large subsets: the blocked kNN, one subset at a time
+        dist = jnp.stack([knn(subset, 2).distances for subset in subsets])
+    else:  # many small subsets: one dense batched search, cheap to compile
+        dist = _two_nearest_dense(subsets.astype(compute_dtype(subsets)))
     if bool((dist[..., 0] <= 0).any()):
         raise ValueError("a decimation subset contains duplicate points")
     return np.asarray(_twonn_batched(dist[..., 1] / dist[..., 0], method, fraction))
+
+
+@jax.jit
+def _two_nearest_dense(subsets: jax.Array) -> jax.Array:
+    """(R, S, D) -> (R, S, 2): distances to the two nearest other points of the same subset.
+
+    GEMM-form screening of a few candidates, then exact re-ranking, as in `idjax.knn`.
+    """
+    size = subsets.shape[1]
+    sq = jnp.sum(subsets * subsets, axis=-1)
+    dots = jnp.einsum("rsd,rtd->rst", subsets, subsets, precision=jax.lax.Precision.HIGHEST)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * dots
+    d2 = jnp.where(jnp.eye(size, dtype=bool)[None], jnp.inf, d2)
+    _, candidates = jax.lax.top_k(-d2, min(2 + EXTRA_CANDIDATES, size - 1))
+    picked = jax.vmap(lambda pts, idx: pts[idx])(subsets, candidates)  # (R, S, C, D)
+    exact = jnp.sort(jnp.sum((subsets[:, :, None, :] - picked) ** 2, axis=-1), axis=-1)
+    return jnp.sqrt(exact[..., :2])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
