@@ -93,20 +93,29 @@ class DecimationScaling(_NamedResult):
 # Pure kernels on ratios mu (jit-able, vmappable).
 
 
-def twonn_from_mus(mus: jax.Array, valid: jax.Array, *, method: str = "fit", fraction: float = 0.9) -> jax.Array:
+def twonn_from_mus(mus: jax.Array, valid: jax.Array | None = None, *, method: str = "fit",
+                   fraction: float = 0.9, n_keep: jax.Array | int | None = None) -> jax.Array:
     """TwoNN from ratios mu_i = r_i2 / r_i1.
 
     Args:
       mus: (N,) ratios >= 1.
-      valid: (N,) bool, which points take part (others are ignored as if absent).
-      method: "fit": least squares through the origin of -log(1 - j/N) on the n = floor(N*fraction)
-        smallest log mu (j = 1..n, denominator N as in DADApy); "mle": (N - 1) / sum(log mu).
-      fraction: kept fraction for "fit".
+      valid: (N,) bool, which points take part (others are ignored as if absent); None = all.
+      method: "fit": least squares through the origin of y_j = -log(1 - j/N) on the n smallest log mu
+        (j = 1..n, denominator N as in DADApy); "mle": (N - 1) / sum(log mu).
+      fraction: kept fraction for "fit": n = int(N * fraction), evaluated in float64 on the host.
+      n_keep: overrides n (needed when `valid` is traced: the host computes int(N * fraction) exactly,
+        since N * fraction in float32 can fall just below an integer).
 
     Returns:
       scalar ID.
     """
     dtype = mus.dtype
+    if valid is None:
+        valid = jnp.ones(mus.shape, bool)
+        if n_keep is None:
+            n_keep = int(mus.shape[0] * fraction)
+    elif n_keep is None:
+        raise ValueError("pass n_keep = int(valid.sum() * fraction) together with a `valid` mask")
     log_mu = jnp.where(valid, jnp.log(jnp.where(valid, mus, 1.0)), 0.0)
     n = jnp.sum(valid).astype(dtype)
     if method == "mle":
@@ -115,9 +124,7 @@ def twonn_from_mus(mus: jax.Array, valid: jax.Array, *, method: str = "fit", fra
         raise ValueError(f"method must be 'fit' or 'mle'; got {method!r}")
     x = jnp.sort(jnp.where(valid, log_mu, jnp.inf))
     j = jnp.arange(1, mus.shape[0] + 1, dtype=dtype)
-    # int(N * fraction) in float64 on the host would be exact; here N*fraction is evaluated in `dtype`.
-    n_keep = jnp.floor(n * jnp.asarray(fraction, dtype))
-    use = j <= n_keep
+    use = j <= jnp.asarray(n_keep, dtype)
     y = jnp.where(use, -jnp.log1p(-jnp.where(use, j / n, 0.0)), 0.0)
     x = jnp.where(use, x, 0.0)
     return jnp.sum(x * y) / jnp.sum(x * x)
@@ -250,7 +257,10 @@ def twonn(distances, *, method: str = "fit", fraction: float = 0.9, duplicates: 
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
     mus, valid, n_dropped = _ratios(distances, 1, 2, duplicates)
-    value = float(_twonn_jit(mus, valid, method=method, fraction=fraction))
+    n_keep = int(int(valid.sum()) * fraction)
+    if method == "fit" and n_keep < 2:
+        raise ValueError(f"fraction={fraction} keeps {n_keep} points; the fit needs at least 2")
+    value = float(_twonn_jit(mus, valid, method=method, fraction=fraction, n_keep=n_keep))
     return Estimate(value, int(valid.sum()), n_dropped)
 
 
@@ -337,7 +347,7 @@ def _two_nearest_dense(subsets: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _twonn_batched(mus: jax.Array, method: str, fraction: float) -> jax.Array:
-    return jax.vmap(lambda m: twonn_from_mus(m, jnp.ones(m.shape, bool), method=method, fraction=fraction))(mus)
+    return jax.vmap(lambda m: twonn_from_mus(m, method=method, fraction=fraction))(mus)
 
 
 def twonn_decimation(
