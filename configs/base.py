@@ -1,0 +1,76 @@
+"""Defaults shared by every analysis config: extraction, profile, selection and probes."""
+
+import os
+import pathlib
+
+import ml_collections
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("IDJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+SCOPE_FASTA = SHARED_DATA / "protein" / "astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa"
+ECOLI_FASTA = SHARED_DATA / "protein" / "UP000000625_83333.fasta"
+
+
+def analysis_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.experiment = "full"
+    config.name = "run"
+    config.seed = 0
+    config.training = None  # a training ConfigDict (configs/train_*.py) to train the model first
+
+    config.model = ml_collections.ConfigDict()
+    config.model.family = "esm2"  # esm2 | igpt | bert
+    config.model.source = "random"  # hf | fair_esm | orbax | trained | random | minilm
+    config.model.path = ""
+    config.model.size = "8M"
+    config.model.overrides = ml_collections.ConfigDict()
+    config.model.dtype = "float32"
+    config.model.pooling = "mean"  # esm2: mean | cls
+    config.model.stream = "paper"  # igpt: paper (ln_1 stream) | residual
+    config.model.long_policy = "crop"  # esm2: error | crop | windows
+    config.model.unknown = "error"  # esm2: error | X
+    config.model.palette = ""  # igpt: .npy or preprocessor_config.json; empty: fit with k-means
+    config.model.normalize = False  # bert: L2-normalise pooled vectors
+    config.model.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "scope"
+    config.data.path = str(SCOPE_FASTA)
+    config.data.root = ""
+    config.data.split = ""
+    config.data.size = 0
+    config.data.rgb = False
+    config.data.label = "superfamily"
+    config.data.min_class_size = 0
+    config.data.per_class = 0
+    config.data.max_examples = 0
+    config.data.seed = 0
+    config.data.text = "description"
+
+    config.extract = ml_collections.ConfigDict()
+    config.extract.batch_size = 32
+
+    config.profile = ml_collections.ConfigDict()
+    config.profile.k_max = 64
+    config.profile.twonn_fraction = 0.9
+    config.profile.gride_range_max = 64
+    config.profile.decimation = True
+    config.profile.decimation_min_size = 20
+    config.profile.decimation_target_ratio = 32  # "twonn_decimated": subsets of about N / 32 (the paper)
+    config.profile.id_estimator = "twonn"  # twonn | twonn_decimated | gride
+    config.profile.gride_rank = 8
+    config.profile.label_ks = (1, 10, 30)
+    config.profile.overlap_k = 30
+    config.profile.duplicates = "drop"  # drop | error
+    config.profile.selection_window = 2
+    config.profile.selection_min_drop = 0.1
+
+    config.probe = ml_collections.ConfigDict()
+    config.probe.enabled = True
+    config.probe.linear = True
+    config.probe.steps = 300
+    config.probe.test_fraction = 0.25
+    config.probe.knn_k = 10
+    config.probe.remote_homology = False
+    config.probe.seed = 0
+    return config

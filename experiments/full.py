@@ -1,0 +1,48 @@
+"""The whole job: (train) -> extract -> profile + probes -> figures, each stage resumable."""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+from absl import logging
+
+from experiments import extract, profile
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """Runs every stage in `workdir`; a finished stage is skipped, an interrupted one resumes.
+
+    If `config.training` is set, the model is trained first in `workdir/train` (resuming from its last
+    checkpoint) and `config.model` reads it (source "trained").
+    """
+    workdir = pathlib.Path(workdir)
+    if config.get("training"):
+        from experiments import train
+
+        train_dir = workdir / "train"
+        result_file = train_dir / "train_result.json"
+        if result_file.exists():
+            logging.info("training already finished in %s", train_dir)
+        else:
+            train.run(config.training, train_dir)
+        with config.unlocked():
+            config.model.source = "trained"
+            config.model.path = str(train_dir)
+    extract.run(config, workdir)
+    results = profile.run(config, workdir)
+    _print_summary(results, workdir)
+    return results
+
+
+def _print_summary(results: dict, workdir: pathlib.Path) -> None:
+    ids = ", ".join(f"{v:.1f}" for v in results["id"])
+    print(f"\nID profile ({results['id_estimator']}, {results['n_points']} points): [{ids}]")
+    print(f"peak layer {results['peak_layer']}, selected layer (relative ID minimum): {results['selected_layer']}")
+    if "best_overlap_layer" in results:
+        print(f"best label-overlap layer (k={results['best_overlap_k']}): {results['best_overlap_layer']}")
+    if "probes" in results:
+        p = results["probes"]
+        print(f"best probe layer ({p['best_probe_metric']}): {p['best_probe_layer']}")
+    print(f"results: {workdir / 'results.json'}, arrays: {workdir / 'profile.npz'}")
+    print("figures: " + ", ".join(results.get("figures", [])))

@@ -1,0 +1,115 @@
+"""Paper-style figures of layer profiles; several runs overlay in one figure (sweeps).
+
+Each run is (name, results dict, arrays dict) as written by `experiments/profile.py`.
+Figures: ID vs relative depth (error bars, selected layer marked), label overlap (and probe
+accuracy) vs relative depth, neighbour overlap between consecutive layers, GRIDE scale dependence.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+Run = tuple[str, dict, dict]
+
+
+def _style(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def plot_id(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=150)
+    for name, results, arrays in runs:
+        depth = arrays["relative_depth"]
+        line = ax.errorbar(depth, arrays["id"], yerr=arrays["id_err"], marker="o", ms=3, capsize=2, lw=1.4,
+                           label=name)
+        sel = results["selected_layer"]
+        ax.plot(depth[sel], arrays["id"][sel], marker="*", ms=14, color=line[0].get_color(), mec="k", zorder=5)
+    _style(ax, "relative depth", f"intrinsic dimension ({runs[0][1]['id_estimator']})")
+    ax.set_title("ID profile (star: selected layer)", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path | None:
+    runs = [r for r in runs if "label_overlap" in r[2]]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=150)
+    for name, results, arrays in runs:
+        depth = arrays["relative_depth"]
+        k_index = results["label_ks"].index(results["best_overlap_k"])
+        line, = ax.plot(depth, arrays["label_overlap"][:, k_index], marker="o", ms=3,
+                        label=f"{name}: overlap with labels (k={results['best_overlap_k']})")
+        sel = results["selected_layer"]
+        ax.axvline(depth[sel], color=line.get_color(), ls="--", lw=0.8)
+        for key, style in (("linear_probe_accuracy", ":"), ("knn_accuracy", "-.")):
+            if key in arrays:
+                ax.plot(depth, arrays[key], ls=style, color=line.get_color(), lw=1,
+                        label=f"{name}: {key.replace('_', ' ')}")
+    _style(ax, "relative depth", "overlap / accuracy")
+    ax.set_title("semantic content per layer (dashed: ID-selected layer)", fontsize=10)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=6, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_adjacent_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=150)
+    for name, _, arrays in runs:
+        depth = arrays["relative_depth"][1:]
+        ax.plot(depth, arrays["adjacent_overlap"], marker="o", ms=3, label=name)
+    _style(ax, "relative depth (layer l+1)", f"overlap of layers l, l+1 (k={runs[0][1]['adjacent_overlap_k']})")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("neighbour overlap between consecutive layers", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_gride_scaling(run: Run, path: pathlib.Path) -> pathlib.Path:
+    name, _, arrays = run
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=150)
+    n_layers = arrays["gride_ids"].shape[0]
+    colours = plt.cm.viridis(np.linspace(0, 1, n_layers))
+    for layer in range(n_layers):
+        ax.errorbar(arrays["gride_ranks"], arrays["gride_ids"][layer], yerr=arrays["gride_errs"][layer],
+                    color=colours[layer], lw=1, capsize=1.5)
+    ax.set_xscale("log", base=2)
+    sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, n_layers - 1))
+    fig.colorbar(sm, ax=ax, label="layer")
+    _style(ax, "neighbour rank n2 (GRIDE, n1 = n2/2)", "intrinsic dimension")
+    ax.set_title(f"{name}: scale dependence of the ID", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_figures(directory: pathlib.Path, runs: Sequence[Run], prefix: str = "") -> list[pathlib.Path]:
+    """Writes every figure for `runs` into `directory`; returns their paths."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [plot_id(runs, directory / f"{prefix}id_profile.png"),
+             plot_label_overlap(runs, directory / f"{prefix}label_overlap.png"),
+             plot_adjacent_overlap(runs, directory / f"{prefix}adjacent_overlap.png")]
+    if len(runs) == 1:
+        paths.append(plot_gride_scaling(runs[0], directory / f"{prefix}gride_scaling.png"))
+    return [p for p in paths if p is not None]
