@@ -64,6 +64,8 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.profile.duplicates = "drop"  # drop | error
     config.profile.selection_window = 2
     config.profile.selection_min_drop = 0.1
+    config.profile.selection_min_rise = 0.05
+    config.profile.selection_z = 2.0
 
     config.probe = ml_collections.ConfigDict()
     config.probe.enabled = True

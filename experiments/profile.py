@@ -118,10 +118,11 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     adjacent = np.array([idjax.data_overlap(per_layer[i]["indices"], per_layer[i + 1]["indices"], k_overlap)
                          for i in range(n_layers - 1)])
     ids, errs = map(np.array, zip(*[chosen_id(m, cfg) for m in per_layer], strict=True))
-    choice = select_layer(ids, window=cfg.selection_window, min_drop=cfg.selection_min_drop)
+    choice = select_layer(ids, errs, window=cfg.selection_window, min_drop=cfg.selection_min_drop,
+                          min_rise=cfg.selection_min_rise, z=cfg.selection_z)
 
     arrays = {
-        "id": ids, "id_err": errs, "id_smoothed": choice.smoothed,
+        "id": ids, "id_err": errs,
         "twonn": np.array([m["twonn"] for m in per_layer]),
         "twonn_mle": np.array([m["twonn_mle"] for m in per_layer]),
         "gride_ids": np.stack([m["gride_ids"] for m in per_layer]),

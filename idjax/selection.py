@@ -1,16 +1,17 @@
 """Locating the layer of the ID profile that the paper associates with the most semantic content.
 
 The profile rises to a peak, falls to a relative minimum, then plateaus or forms a second, shallower
-peak. The rule (documented in the README and tested against hand-made profiles):
+peak. The rule (documented in the README and tested against hand-made profiles), on the raw profile
+with its error bars:
 
-1. Smooth the profile with a centred running median of width 3 (the two end layers are kept as
-   they are), so one noisy layer can neither create nor hide a minimum.
-2. The peak is the global maximum of the smoothed profile.
-3. The selected layer is the first layer after the peak that is a minimum of the smoothed profile
-   within +-`window` layers and lies at least `min_drop` (relative to the peak height above the
-   profile's lowest value) below the peak, with at least one layer after it (so the profile can be
-   seen to turn). If none qualifies (e.g. a profile that only decreases), it is the smoothed global
-   minimum after the peak.
+1. The peak is the layer of the largest ID.
+2. Walking forward from the peak, the selected layer is the first layer m that
+   (a) is the lowest within +-`window` layers (not looking back past the peak),
+   (b) lies at least `min_drop` x depth below the peak (depth = peak - lowest ID after it), and
+   (c) is followed by a significant rise: within the next `window` layers the ID climbs above ID[m]
+       by more than max(`z` x the combined error bar, `min_rise` x depth). A dip that noise could
+       explain is therefore passed over, and so is a minimum at the very last layer.
+3. If no layer qualifies (e.g. a profile that only decreases), the lowest layer after the peak.
 """
 
 from __future__ import annotations
@@ -21,51 +22,48 @@ import numpy as np
 
 
 class LayerChoice(NamedTuple):
-    """peak: index of the ID maximum; selected: index of the relative minimum after it; smoothed: (L+1,)."""
+    """peak: index of the ID maximum; selected: index of the relative minimum after it."""
 
     peak: int
     selected: int
-    smoothed: np.ndarray
     rule: str
 
 
-def running_median(values: np.ndarray, width: int = 3) -> np.ndarray:
-    """Centred running median; the first and last `width // 2` values are kept unchanged."""
-    values = np.asarray(values, np.float64)
-    half = width // 2
-    out = values.copy()
-    for i in range(half, len(values) - half):
-        out[i] = np.median(values[i - half : i + half + 1])
-    return out
-
-
-def select_layer(ids, *, window: int = 2, min_drop: float = 0.1, smooth: bool = True) -> LayerChoice:
-    """Picks the first relative minimum of the ID profile after its global maximum.
+def select_layer(ids, errors=None, *, window: int = 2, min_drop: float = 0.1, min_rise: float = 0.05,
+                 z: float = 2.0) -> LayerChoice:
+    """Picks the first significant relative minimum of the ID profile after its global maximum.
 
     Args:
       ids: (L+1,) ID per layer, input embedding first.
-      window: a minimum must be the lowest within +-window layers (of the smoothed profile).
-      min_drop: it must sit at least this fraction of (peak - lowest) below the peak.
-      smooth: apply the width-3 running median first.
+      errors: (L+1,) standard errors of `ids` (None: treated as 0, so only `min_rise` guards noise).
+      window: a minimum must be the lowest within +-window layers, and the rise must come within
+        `window` layers after it.
+      min_drop: fraction of the depth the minimum must lie below the peak.
+      min_rise: fraction of the depth the following rise must at least reach.
+      z: significance of the rise in combined standard errors.
 
     Returns:
-      LayerChoice(peak, selected, smoothed, rule).
+      LayerChoice(peak, selected, rule).
     """
     ids = np.asarray(ids, np.float64)
-    if ids.ndim != 1 or len(ids) < 3:
-        raise ValueError(f"need a 1-D ID profile of at least 3 layers; got shape {ids.shape}")
+    if ids.ndim != 1 or len(ids) < 1:
+        raise ValueError(f"need a 1-D ID profile with at least one layer; got shape {ids.shape}")
     if not np.isfinite(ids).all():
         raise ValueError(f"the ID profile contains NaN/inf at layers {np.flatnonzero(~np.isfinite(ids)).tolist()}")
-    profile = running_median(ids) if smooth else ids
-    peak = int(np.argmax(profile))
-    after = np.arange(peak + 1, len(profile))
+    errors = np.zeros_like(ids) if errors is None else np.asarray(errors, np.float64)
+    if errors.shape != ids.shape:
+        raise ValueError(f"errors has shape {errors.shape}, ids has {ids.shape}")
+    peak = int(np.argmax(ids))
+    after = np.arange(peak + 1, len(ids))
     if len(after) == 0:
-        return LayerChoice(peak, peak, profile, "peak at the last layer: no minimum after it")
-    depth = profile[peak] - profile[peak:].min()
-    for layer in after[:-1]:
-        lo, hi = max(peak, layer - window), min(len(profile), layer + window + 1)
-        is_local_min = profile[layer] <= profile[lo:hi].min()
-        deep_enough = profile[peak] - profile[layer] >= min_drop * depth
-        if is_local_min and deep_enough and depth > 0:
-            return LayerChoice(peak, int(layer), profile, f"first relative minimum within +-{window} after the peak")
-    return LayerChoice(peak, int(after[np.argmin(profile[after])]), profile, "global minimum after the peak")
+        return LayerChoice(peak, peak, "peak at the last layer: no minimum after it")
+    depth = ids[peak] - ids[peak:].min()
+    for m in after[:-1]:
+        neighbourhood = ids[max(peak, m - window) : m + window + 1]
+        following = slice(m + 1, m + window + 1)
+        rise = ids[following] - ids[m]
+        noise = z * np.sqrt(errors[m] ** 2 + errors[following] ** 2)
+        significant_rise = np.any(rise > np.maximum(noise, min_rise * depth))
+        if ids[m] <= neighbourhood.min() and ids[peak] - ids[m] >= min_drop * depth and significant_rise:
+            return LayerChoice(peak, int(m), f"first significant relative minimum (window {window}, z {z})")
+    return LayerChoice(peak, int(after[np.argmin(ids[after])]), "lowest layer after the peak (no significant minimum)")
