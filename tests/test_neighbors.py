@@ -122,3 +122,28 @@ def test_knn_rejects_bad_input(x, k, message):
 def test_knn_rejects_dimension_mismatch():
     with pytest.raises(ValueError, match="dimension"):
         idjax.knn(np.zeros((4, 3)), 1, y=np.zeros((4, 2)))
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_grouped_selection_path_with_many_ties(k):
+    # Integer coordinates: many exactly tied distances, resolved to the lower index like a stable sort.
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 4, size=(1500, 3)).astype(np.float32)
+    x = np.unique(x, axis=0)
+    x = np.vstack([x, rng.integers(0, 40, size=(1500, 3)).astype(np.float32)])
+    dist, idx = idjax.knn(x, k, block_size=128)
+    ref_d, ref_i = brute_force(x, k)
+    np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+
+
+def test_smallest_columns_is_exact():
+    from idjax.neighbors import _smallest_columns
+
+    rng = np.random.default_rng(6)
+    d2 = rng.random((20, 3001)).astype(np.float32)
+    d2[:, 100:140] = 0.5  # a block of ties
+    for count in (1, 9, 72):
+        got = np.asarray(_smallest_columns(jax.numpy.asarray(d2), count))
+        want = np.argsort(d2, axis=1, kind="stable")[:, :count]
+        np.testing.assert_array_equal(got, want)
