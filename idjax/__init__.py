@@ -14,7 +14,7 @@ from idjax.intrinsic_dim import (
     twonn_decimation,
     twonn_from_mus,
 )
-from idjax.neighbors import Duplicates, Neighbors, find_duplicates, knn
+from idjax.neighbors import Duplicates, KnnPlan, Neighbors, find_duplicates, knn, plan_knn
 from idjax.overlap import data_overlap, data_overlap_per_point, label_overlap, label_overlap_per_point
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Estimate",
     "GrideEstimate",
     "GrideScaling",
+    "KnnPlan",
     "Neighbors",
     "data_overlap",
     "data_overlap_per_point",
@@ -35,6 +36,7 @@ __all__ = [
     "knn",
     "label_overlap",
     "label_overlap_per_point",
+    "plan_knn",
     "twonn",
     "twonn_decimation",
     "twonn_from_mus",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -38,6 +39,60 @@ def compute_dtype(x: jax.Array | np.ndarray) -> jnp.dtype:
     if jnp.dtype(x.dtype) == jnp.float64 and jax.config.jax_enable_x64:
         return jnp.dtype(jnp.float64)
     return jnp.dtype(jnp.float32)
+
+
+def device_memory_bytes(device: jax.Device | None = None) -> int:
+    """Memory of one device: the allocator limit on GPU/TPU, physical RAM on CPU."""
+    device = device or jax.devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # CPU backends may not implement memory_stats
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class KnnPlan(NamedTuple):
+    """How a kNN graph will be computed: rows per query block, and the memory it needs per device."""
+
+    block_size: int
+    bytes_per_device: int
+    devices: int
+
+
+def plan_knn(n: int, dim: int, k: int, *, devices: int = 1, memory_bytes: int | None = None,
+             itemsize: int = 4, memory_budget_bytes: int | None = None) -> KnnPlan:
+    """Chooses the query block size from N, D, k and the device memory, or says what would fit.
+
+    Per device: the reference points it holds (N/P rows on a ring, all N on one device), its queries,
+    the (N/P, k) outputs, and one block's working set (~3 (b, N/P) matrices + b (k+8) D candidates).
+    Uses at most half the device memory, so the rest of the program keeps room.
+
+    Raises:
+      MemoryError naming the sizes and what would fit (fewer points, or more devices).
+    """
+    memory = memory_bytes or device_memory_bytes()
+    usable = memory // 2
+    rows = -(-n // devices)
+    ref_rows = n if devices == 1 else 2 * rows  # a ring holds its own block and the one in flight
+    k_search = min(k + EXTRA_CANDIDATES, max(n - 1, 1))
+    fixed = itemsize * (ref_rows * dim + rows * dim) + rows * k * (itemsize + 4)
+    per_row = itemsize * (3 * ref_rows + 2 * k_search * dim + 4 * k_search)
+    if fixed + 8 * per_row > usable:
+        gib = 2**30
+        fit_points = int(usable / (itemsize * 2 * dim + k * (itemsize + 4) + 8 * itemsize * 3))
+        more_devices = -(-(fixed + 8 * per_row) // usable) * devices
+        raise MemoryError(
+            f"a kNN graph of N={n} points of dimension D={dim} with k={k} needs about "
+            f"{(fixed + 8 * per_row) / gib:.1f} GiB per device on {devices} device(s), but only "
+            f"{usable / gib:.1f} GiB (half of {memory / gib:.1f} GiB) is usable. Options: at most ~{fit_points} "
+            f"points on one device, or about {more_devices} devices with idjax.sharded.knn_sharded."
+        )
+    budget = min(usable - fixed, memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES)
+    block = max(8, min(4096, int(budget // per_row) // 8 * 8))
+    return KnnPlan(block, int(fixed + block * per_row), devices)
 
 
 def choose_block_size(n_ref: int, dim: int, k_search: int, memory_budget_bytes: int, itemsize: int = 4) -> int:
@@ -134,8 +189,8 @@ def knn(
     ref = x if y is None else jnp.asarray(ref, dtype)
     k_search = min(k + EXTRA_CANDIDATES, ref.shape[0])
     if block_size is None:
-        budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
-        block_size = choose_block_size(ref.shape[0], ref.shape[1], k_search, budget, dtype.itemsize)
+        block_size = plan_knn(ref.shape[0], ref.shape[1], k, itemsize=dtype.itemsize,
+                              memory_budget_bytes=memory_budget_bytes).block_size
     block_size = int(min(block_size, max(8, math.ceil(x.shape[0] / 8) * 8)))
     dist, idx = _knn_blocks(x, ref, k=int(k), k_search=int(k_search), block_size=block_size,
                             exclude_self=y is None)

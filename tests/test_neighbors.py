@@ -147,3 +147,14 @@ def test_smallest_columns_is_exact():
         got = np.asarray(_smallest_columns(jax.numpy.asarray(d2), count))
         want = np.argsort(d2, axis=1, kind="stable")[:, :count]
         np.testing.assert_array_equal(got, want)
+
+
+def test_memory_plan_bounds_the_block_and_says_what_fits():
+    plan = idjax.plan_knn(20000, 512, 64, memory_bytes=24 * 2**30)
+    assert 8 <= plan.block_size <= 4096 and plan.block_size % 8 == 0
+    small = idjax.plan_knn(20000, 512, 64, memory_bytes=24 * 2**30, memory_budget_bytes=16 * 2**20)
+    assert small.block_size < plan.block_size
+    with pytest.raises(MemoryError, match=r"N=90000 .* D=2560 .* points on one device, or about \d+ devices"):
+        idjax.plan_knn(90000, 2560, 64, memory_bytes=1 * 2**30)
+    sharded = idjax.plan_knn(90000, 2560, 64, devices=8, memory_bytes=16 * 2**30)
+    assert sharded.bytes_per_device < 8 * 2**30
