@@ -10,6 +10,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import logging as std_logging
 import pathlib
 
 import numpy as np
@@ -77,9 +78,18 @@ def run_sweep(config, workdir: pathlib.Path) -> None:
         print(f"sweep of {len(runs)} runs: {workdir / 'sweep.json'}; figures: {', '.join(map(str, figures))}")
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Keeps idjax's own INFO lines; drops the INFO chatter of orbax and jax internals."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(
+            part in record.pathname for part in ("/orbax/", "/jax/_src/", "/etils/"))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     workdir = pathlib.Path(_WORKDIR.value)
     if _SWEEP.value:
         run_sweep(_CONFIG.value, workdir)
