@@ -1,0 +1,41 @@
+"""iGPT S/M/L (HF ImageGPT checkpoints) on labelled images; the paper's image setting.
+
+  --config=configs/igpt.py:s --config.model.path=/ckpt/imagegpt-small \
+      --config.model.palette=/ckpt/imagegpt-small/preprocessor_config.json
+  --config=configs/igpt.py:trained --config.model.path=workdirs/igpt_tiny_digits
+  --config=configs/igpt.py:tiny   (random init on digits; smoke test)
+
+Data: CIFAR-10 (ConvNetJS batches, 32x32) for the published models, digits for tiny/trained ones.
+Without the official colour clusters a 512-colour palette is fitted with k-means on the images and
+saved beside the results. ID: TwoNN on decimated subsets of about N/32 points, as the paper plots for iGPT.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = (arg or "s").lower()
+    config = base.analysis_config()
+    config.name = f"igpt-{arg}"
+    config.model.family = "igpt"
+    config.profile.id_estimator = "twonn_decimated"
+    if arg in ("s", "m", "l"):
+        config.model.source = "hf"
+        config.model.size = arg
+        config.data.name = "cifar10"
+        config.data.root = str(base.SHARED_DATA / "images" / "cifar10_convnetjs")
+        config.data.split = "test"
+        config.extract.batch_size = 8
+    elif arg in ("trained", "tiny"):
+        config.model.source = "trained" if arg == "trained" else "random"
+        config.model.path = str(base.REPO / "workdirs" / "igpt_tiny_digits") if arg == "trained" else ""
+        config.model.size = "mini"
+        config.model.overrides = {"vocab_size": 17, "n_positions": 64}
+        config.data.name = "digits"
+        config.extract.batch_size = 128
+        config.profile.id_estimator = "twonn"
+    else:
+        raise ValueError(f"arg must be s, m, l, trained or tiny; got {arg!r}")
+    return config

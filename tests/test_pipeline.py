@@ -1,0 +1,163 @@
+"""End to end: config -> extraction store -> profile -> selection -> results, resumable."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import idjax
+from configs import base
+from experiments import extract, profile, store
+from experiments.synthetic import manifold
+from idjax.selection import select_layer
+
+
+def tiny_igpt_config(n_examples: int = 240):
+    config = base.analysis_config()
+    config.name = "tiny-igpt"
+    config.model.family = "igpt"
+    config.model.source = "random"
+    config.model.size = "tiny"
+    config.model.overrides = {"vocab_size": 17, "n_positions": 64}
+    config.data.name = "digits"
+    config.data.max_examples = n_examples
+    config.extract.batch_size = 64
+    config.profile.k_max = 16
+    config.profile.gride_range_max = 16
+    config.profile.label_ks = (5, 10)
+    config.profile.overlap_k = 10
+    config.profile.decimation_min_size = 30
+    config.probe.steps = 50
+    return config
+
+
+def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
+    config = tiny_igpt_config()
+    workdir = tmp_path / "run"
+    calls = []
+    real_build = extract.build_encoder
+
+    def build_and_kill(*args, **kwargs):
+        encoder = real_build(*args, **kwargs)
+
+        def embed(indices):
+            calls.append(tuple(indices))
+            if len(calls) == 3:
+                raise KeyboardInterrupt("killed mid-extraction")
+            return encoder.embed(indices)
+
+        return extract.Encoder(encoder.plan, embed, encoder.description)
+
+    monkeypatch.setattr(extract, "build_encoder", build_and_kill)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(config, workdir)
+    directory = store.store_dir(workdir)
+    assert store.finished_batches(directory) == {0, 1}
+    assert not store.is_complete(directory)
+    with pytest.raises(store.StoreError, match="did not finish"):
+        store.load(directory)
+    # A half-written temporary file (as a kill during a write leaves) is never taken as a batch.
+    (directory / "batches" / ".00002.npz.abc.tmp").write_bytes(b"partial")
+    assert store.finished_batches(directory) == {0, 1}
+
+    calls.clear()
+    monkeypatch.setattr(extract, "build_encoder", real_build)
+    monkeypatch.setattr(extract, "build_encoder", lambda *a, **k: _counting(real_build(*a, **k), calls))
+    manifest = extract.run(config, workdir)
+    assert len(calls) == 2  # 240 examples / 64 = 4 batches; the first two were not recomputed
+    assert manifest["n_examples"] == 240 and manifest["n_layers"] == 3 and manifest["dim"] == 32
+
+    results = profile.run(config, workdir)
+    reps = store.load(directory)
+    assert len(reps.layers) == 3 and reps.layers[0].shape == (240, 32) and reps.labels.shape == (240,)
+    npz = np.load(workdir / "profile.npz")
+    assert npz["id"].shape == (3,) and npz["gride_ids"].shape == (3, 4) and npz["label_overlap"].shape == (3, 2)
+    assert npz["adjacent_overlap"].shape == (2,)
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["selected_layer"] == select_layer(saved["id"], saved["id_err"]).selected == results["selected_layer"]
+    assert len(saved["probes"]["linear_probe_accuracy"]) == 3
+    for figure in saved["figures"]:
+        assert pathlib.Path(figure).stat().st_size > 10_000
+    # Representations equal a direct, uninterrupted computation of the same model.
+    from experiments.image_datasets import load_digits
+    from models import igpt, palette
+
+    images = load_digits().images
+    keep = extract._select(len(images), load_digits().labels, config.data)
+    colours = palette.load_palette(workdir / "palette.npy")
+    tokens = igpt.add_start_token(palette.quantize(np.repeat(images[keep[:5]], 3, -1), colours), 16)
+    model_cfg = igpt.igpt_config("tiny", vocab_size=17, n_positions=64)
+    direct = igpt.pooled_representations(igpt.IGPT(model_cfg), igpt.init_params(model_cfg, 0), tokens)
+    np.testing.assert_allclose(np.stack([layer[:5] for layer in reps.layers]), direct, rtol=1e-5, atol=1e-6)
+
+
+def _counting(encoder, calls):
+    def embed(indices):
+        calls.append(tuple(indices))
+        return encoder.embed(indices)
+
+    return extract.Encoder(encoder.plan, embed, encoder.description)
+
+
+def test_restart_with_a_different_plan_is_refused(tmp_path):
+    directory = tmp_path / "representations"
+    store.open_plan(directory, [[0, 1], [2]], {"model": "a"})
+    store.open_plan(directory, [[0, 1], [2]], {"model": "a"})  # same plan: fine
+    with pytest.raises(store.StoreError, match="partial extraction of something else"):
+        store.open_plan(directory, [[0, 1], [2]], {"model": "b"})
+
+
+def write_store(directory, layers, labels):
+    store.open_plan(directory, [list(range(len(labels)))], {"synthetic": True})
+    store.write_batch(directory, 0, np.stack(layers), np.arange(len(labels)))
+    store.finalize(directory, len(labels), labels=labels, ids=[str(i) for i in range(len(labels))],
+                   metadata={"model": "synthetic"})
+
+
+def test_selected_layer_matches_a_hand_made_id_profile(tmp_path):
+    # Layers whose representations lie on manifolds of known dimension: rise to 10, fall to 3, plateau at 5.
+    dims = [2, 6, 10, 7, 3, 5, 5]
+    n = 1000
+    layers = [manifold("linear", n, d, 16, seed=i) for i, d in enumerate(dims)]
+    labels = np.arange(n) % 4
+    write_store(store.store_dir(tmp_path), layers, labels)
+    config = base.analysis_config()
+    config.profile.decimation = False
+    config.probe.enabled = False
+    results = profile.run(config, tmp_path)
+    np.testing.assert_allclose(results["id"], dims, rtol=0.12)
+    assert results["peak_layer"] == 2 and results["selected_layer"] == 4
+
+
+def test_duplicates_are_dropped_from_every_layer(tmp_path):
+    x = manifold("linear", 300, 3, 8)
+    layers = [x.copy(), 2 * x.copy()]
+    layers[1][10] = layers[1][11]  # a duplicate in one layer only
+    write_store(store.store_dir(tmp_path), layers, np.zeros(300, int))
+    config = base.analysis_config()
+    config.profile.decimation = False
+    config.probe.enabled = False
+    results = profile.run(config, tmp_path)
+    assert results["n_points"] == 299 and results["duplicates_per_layer"] == [0, 1]
+    config.profile.duplicates = "error"
+    (tmp_path / "profile_layers").rename(tmp_path / "old")
+    with pytest.raises(ValueError, match="layer 1 has 1 duplicate"):
+        profile.run(config, tmp_path)
+
+
+def test_nan_representations_are_refused(tmp_path):
+    with pytest.raises(store.StoreError, match="NaN"):
+        store.write_batch(tmp_path, 0, np.full((2, 3, 4), np.nan), np.arange(3))
+
+
+def test_synthetic_store_estimates_agree_with_the_library(tmp_path):
+    x = manifold("sphere", 500, 4, 10)
+    write_store(store.store_dir(tmp_path), [x, x * 3], np.arange(500) % 2)
+    config = base.analysis_config()
+    config.profile.decimation = False
+    config.probe.enabled = False
+    results = profile.run(config, tmp_path)
+    dist, _ = idjax.knn(x, 64)
+    assert results["id"][0] == pytest.approx(float(idjax.twonn(dist)), rel=1e-6)
+    assert results["adjacent_overlap"] == [pytest.approx(1.0)]
