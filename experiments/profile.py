@@ -157,8 +157,14 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     return summary, arrays
 
 
-def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collections.ConfigDict) -> dict:
-    """Linear-probe and kNN-classifier accuracy per layer (labels required)."""
+def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collections.ConfigDict,
+               overlap_k: int = 30) -> dict:
+    """Linear-probe and kNN-classifier accuracy per layer (labels required).
+
+    With `cfg.remote_homology` and group labels in the store (SCOPe families), the kNN probe and a
+    remote-homology label overlap skip neighbours of the query's own family, on the points whose
+    superfamily spans at least two families (the only ones it can be measured on).
+    """
     from experiments import probe
 
     stacked = np.stack([np.asarray(x, np.float32)[keep] for x in reps.layers])
@@ -169,6 +175,15 @@ def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collection
     if cfg.linear:
         out["linear_probe_accuracy"] = probe.linear_probe_accuracy(
             stacked, labels, steps=cfg.steps, seed=cfg.seed, test_fraction=cfg.test_fraction).tolist()
+    if groups is not None:
+        subset = probe.remote_homology_subset(labels, groups)
+        if len(subset) < cfg.knn_k + 2:
+            raise ValueError(f"only {len(subset)} points have a superfamily spanning two families; "
+                             "remote-homology probing needs more (lower data.min_class_size or add data)")
+        stacked, labels, groups = stacked[:, subset], labels[subset], groups[subset]
+        out["remote_homology_points"] = int(len(subset))
+        overlap = probe.label_overlap_per_layer(stacked, labels, overlap_k, groups)
+        out["remote_homology_label_overlap"] = overlap.tolist()
     out["knn_accuracy"] = probe.knn_accuracy(stacked, labels, k=cfg.knn_k, groups=groups, test_fraction=None).tolist()
     out["knn_k"] = cfg.knn_k
     out["remote_homology"] = groups is not None
@@ -185,7 +200,7 @@ def run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
     if reps.labels is None:
         raise ValueError(f"the representations in {workdir} have no labels to probe")
     keep, _ = _common_keep(reps.layers, config.profile.duplicates)
-    probes = run_probes(reps, keep, config.probe)
+    probes = run_probes(reps, keep, config.probe, config.profile.overlap_k)
     store.atomic_write_json(workdir / "probes.json", probes)
     print(f"best probe layer ({probes['best_probe_metric']}): {probes['best_probe_layer']}; {workdir / 'probes.json'}")
     return probes
@@ -198,9 +213,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     logging.info("profiling %d layers x %d examples (devices: %s)", len(reps.layers), len(reps.ids), jax.devices())
     summary, arrays = compute_profile(reps, config.profile, workdir / "profile_layers", seed=config.get("seed", 0))
     if reps.labels is not None and config.get("probe") and config.probe.enabled:
-        probes = run_probes(reps, arrays["kept_indices"], config.probe)
+        probes = run_probes(reps, arrays["kept_indices"], config.probe, config.profile.overlap_k)
         summary["probes"] = probes
-        for key in ("linear_probe_accuracy", "knn_accuracy"):
+        for key in ("linear_probe_accuracy", "knn_accuracy", "remote_homology_label_overlap"):
             if key in probes:
                 arrays[key] = np.asarray(probes[key])
     meta = reps.manifest["metadata"]

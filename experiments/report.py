@@ -55,7 +55,8 @@ def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path 
                         label=f"{name}: overlap with labels (k={results['best_overlap_k']})")
         sel = results["selected_layer"]
         ax.axvline(depth[sel], color=line.get_color(), ls="--", lw=0.8)
-        for key, style in (("linear_probe_accuracy", ":"), ("knn_accuracy", "-.")):
+        for key, style in (("linear_probe_accuracy", ":"), ("knn_accuracy", "-."),
+                           ("remote_homology_label_overlap", "--")):
             if key in arrays:
                 ax.plot(depth, arrays[key], ls=style, color=line.get_color(), lw=1,
                         label=f"{name}: {key.replace('_', ' ')}")
