@@ -1,0 +1,69 @@
+"""Masked-LM pre-training of a small ESM-2 on the E. coli proteome.
+
+`--config=configs/train_esm2_tiny.py` (CPU, a few minutes) or `...:gpu` (8M-sized model, longer crops).
+Data paths come from $IDJAX_SHARED_DATA (default ../shared/data next to the repository).
+"""
+
+import os
+import pathlib
+
+import ml_collections
+
+SHARED_DATA = pathlib.Path(
+    os.environ.get("IDJAX_SHARED_DATA", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: "" / "cpu" (tiny, 2-core CPU) or "gpu" (ESM-2 8M shape: 6 layers x 320, 20 heads)."""
+    size = (arg or "cpu").strip().lower()
+    if size not in ("cpu", "gpu"):
+        raise ValueError(f"arg must be 'cpu' or 'gpu', got {arg!r}")
+    gpu = size == "gpu"
+
+    config = ml_collections.ConfigDict()
+    config.experiment = "train"
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.family = "esm2"
+    config.model.name = "esm2_gpu_8m_shape" if gpu else "esm2_tiny"
+    config.model.num_layers = 6 if gpu else 4
+    config.model.embed_dim = 320 if gpu else 64
+    config.model.num_heads = 20 if gpu else 4
+    config.model.mlp_dim = None  # None -> 4 * embed_dim, as in every ESM-2
+    config.model.token_dropout = True
+    config.model.dtype = "float32"
+
+    config.data = ml_collections.ConfigDict()
+    config.data.fasta = str(SHARED_DATA / "protein" / "UP000000625_83333.fasta")
+    config.data.max_residues = 510 if gpu else 128  # crop length (training: random offset per draw)
+    config.data.val_fraction = 0.05
+    config.data.split_seed = 0
+    config.data.max_sequences = None  # use only the first N FASTA records (None: all)
+    config.data.max_eval_examples = None if gpu else 160
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 20_000 if gpu else 1200
+    config.train.batch_size = 64 if gpu else 32
+    config.train.eval_batch_size = 64 if gpu else 32
+    config.train.learning_rate = 4e-4 if gpu else 2e-3
+    config.train.warmup_steps = 1000 if gpu else 100
+    config.train.end_lr_fraction = 0.1
+    config.train.weight_decay = 0.01
+    config.train.b1 = 0.9
+    config.train.b2 = 0.98
+    config.train.eps = 1e-8
+    config.train.grad_clip_norm = 1.0
+    config.train.mask_prob = 0.15
+    config.train.mask_token_prob = 0.8
+    config.train.random_token_prob = 0.1
+    config.train.log_interval = 50 if gpu else 25
+    config.train.eval_interval = 1000 if gpu else 100
+    config.train.progress_bar = True
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.interval = 1000 if gpu else 300
+    config.checkpoint.max_to_keep = 3
+    config.checkpoint.async_save = True
+    return config

@@ -1,0 +1,77 @@
+"""Autoregressive pixel pre-training of a small iGPT on quantized images.
+
+`--config=configs/train_igpt_tiny.py` (sklearn digits, 8x8, 16 colours; CPU, a few minutes),
+`...:mnist` (MNIST test set resized to 14x14 with a seeded held-out split), `...:cifar10`
+(ConvNetJS CIFAR-10 subset, 16x16, its own train/test batches), and `gpu` for larger settings,
+combinable with a dataset: `...:gpu,cifar10` (32x32, 512 colours, 8 layers x 256).
+Data paths come from $IDJAX_SHARED_DATA (default ../shared/data next to the repository).
+"""
+
+import os
+import pathlib
+
+import ml_collections
+
+SHARED_DATA = pathlib.Path(
+    os.environ.get("IDJAX_SHARED_DATA", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: comma-separated, any of "cpu" (default) | "gpu" and "digits" (default) | "mnist" | "cifar10"."""
+    tokens = {t.strip().lower() for t in (arg or "").split(",") if t.strip()}
+    unknown = tokens - {"cpu", "gpu", "digits", "mnist", "cifar10"}
+    if unknown or len(tokens & {"cpu", "gpu"}) > 1 or len(tokens & {"digits", "mnist", "cifar10"}) > 1:
+        raise ValueError(f"arg must combine one of cpu|gpu with one of digits|mnist|cifar10, got {arg!r}")
+    gpu = "gpu" in tokens
+    dataset = next(iter(tokens & {"digits", "mnist", "cifar10"}), "digits")
+
+    config = ml_collections.ConfigDict()
+    config.experiment = "train"
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.family = "igpt"
+    config.model.num_layers = 8 if gpu else 4
+    config.model.embed_dim = 256 if gpu else 64
+    config.model.num_heads = 8 if gpu else 4
+    config.model.mlp_dim = None  # None -> 4 * embed_dim
+    config.model.dtype = "float32"
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = dataset
+    config.data.root = {
+        "digits": None,  # ships with scikit-learn
+        "mnist": str(SHARED_DATA / "images"),
+        "cifar10": str(SHARED_DATA / "images" / "cifar10_convnetjs"),
+    }[dataset]
+    config.data.split = "test" if dataset == "mnist" else None  # only the MNIST test set is offline
+    # Side length after resizing (None keeps it): sequence length = size^2.
+    config.data.size = {"digits": None, "mnist": 28 if gpu else 14, "cifar10": 32 if gpu else 16}[dataset]
+    config.data.n_colors = {"digits": 16, "mnist": 16, "cifar10": 512 if gpu else 64}[dataset]
+    config.data.val_fraction = 0.2  # digits / MNIST: seeded held-out split (CIFAR uses its test batch)
+    config.data.split_seed = 0
+    config.data.max_train_examples = None
+    config.data.max_eval_examples = None if gpu or dataset == "digits" else 1000
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = {"digits": 1500, "mnist": 1500, "cifar10": 1500}[dataset] if not gpu else 10_000
+    config.train.batch_size = 64 if gpu else 32
+    config.train.eval_batch_size = 64
+    config.train.learning_rate = 1e-3 if gpu else 2e-3
+    config.train.warmup_steps = 500 if gpu else 100
+    config.train.end_lr_fraction = 0.1
+    config.train.weight_decay = 0.01
+    config.train.b1 = 0.9
+    config.train.b2 = 0.95
+    config.train.eps = 1e-8
+    config.train.grad_clip_norm = 1.0
+    config.train.log_interval = 50 if gpu else 25
+    config.train.eval_interval = 1000 if gpu else 100
+    config.train.progress_bar = True
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.interval = 1000 if gpu else 250
+    config.checkpoint.max_to_keep = 3
+    config.checkpoint.async_save = True
+    return config
