@@ -161,3 +161,34 @@ def test_synthetic_store_estimates_agree_with_the_library(tmp_path):
     dist, _ = idjax.knn(x, 64)
     assert results["id"][0] == pytest.approx(float(idjax.twonn(dist)), rel=1e-6)
     assert results["adjacent_overlap"] == [pytest.approx(1.0)]
+
+
+def test_protein_pipeline_on_scope(shared_data, tmp_path):
+    """Tiny ESM-2 on a SCOPe subset: superfamily labels, family groups, remote-homology probes."""
+    config = base.analysis_config()
+    config.model.family = "esm2"
+    config.model.source = "random"
+    config.model.size = "tiny"
+    config.data.name = "scope"
+    config.data.path = str(shared_data / "protein" / "astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa")
+    config.data.min_class_size = 60
+    config.data.per_class = 8
+    config.extract.batch_size = 32
+    config.profile.k_max = 16
+    config.profile.gride_range_max = 16
+    config.profile.label_ks = (5, 10)
+    config.profile.overlap_k = 10
+    config.profile.decimation = False
+    config.probe.steps = 30
+    config.probe.remote_homology = True
+    config.probe.knn_k = 3
+    results = profile.run(config, tmp_path) if extract.run(config, tmp_path) else None
+    reps = store.load(store.store_dir(tmp_path))
+    n = len(reps.ids)
+    assert reps.layers[0].shape == (n, 64) and len(reps.layers) == 3
+    assert len(set(reps.ids)) == n and all(i.startswith("d") for i in reps.ids)  # SCOPe sids
+    counts = np.bincount(reps.labels)
+    assert counts.max() <= 8 and len(counts) == len(reps.manifest["metadata"]["label_names"])
+    probes = results["probes"]
+    assert probes["remote_homology"] and 0 < probes["remote_homology_points"] <= n
+    assert len(probes["remote_homology_label_overlap"]) == 3
