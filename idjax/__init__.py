@@ -1,5 +1,6 @@
 """idjax: the geometry of hidden representations (intrinsic dimension, neighbourhood overlap) in JAX."""
 
+from idjax import sharded
 from idjax.intrinsic_dim import (
     DecimationScaling,
     Estimate,
@@ -37,6 +38,7 @@ __all__ = [
     "label_overlap",
     "label_overlap_per_point",
     "plan_knn",
+    "sharded",
     "twonn",
     "twonn_decimation",
     "twonn_from_mus",

@@ -1,0 +1,456 @@
+"""Exact kNN across devices and hosts: query rows sharded over a device mesh, key blocks passed around a ring.
+
+Each of the P devices on the mesh axis holds n_local = ceil(N / P) rows (padding rows are masked by
+a global-index vector that travels with them). The key blocks go around the ring twice
+(`lax.ppermute` to the ring neighbour, issued before each step's compute so the transfer can
+overlap it):
+  1. screening: at each visit a device computes the GEMM form ||q||^2 + ||r||^2 - 2 q.r of its
+     queries against the block, tile by tile, and merges it into a running top-(k + EXTRA_CANDIDATES)
+     list with one `lax.top_k` over [running, tile];
+  2. exact re-ranking: the candidates are bucketed by the device that owns their rows (one integer
+     sort) and, when that block visits, get the exact difference form sum((q - r)^2), chunk by chunk,
+     so every candidate row is gathered once; a last top_k orders them by (distance, global index).
+Self is excluded by global index, so a duplicate of a point is a neighbour at distance 0, as in
+`idjax.knn`. Memory per device is O(N/P (N/P + k)) plus one chunk: the local rows, the visiting
+block and its incoming copy, one (tile, n_local) distance tile (local queries are blocked so it fits
+`memory_budget_bytes`), the candidate lists, and one chunk of gathered rows.
+
+Results equal `idjax.knn` (same screening, same exact re-ranking and (distance, index) order): exactly
+on data without float ties, and also with exact ties whenever the distances are computed exactly
+(e.g. integer-valued data). Ties are broken by stored position, which ascends with the global index
+on the default mesh (devices in `jax.devices()` order, process-major).
+
+Inputs accepted by `knn_sharded` (the same code runs on one host and, after
+`jax.distributed.initialize`, on many):
+  * a host (numpy) array (N, D): on one process, or identical on every process; each device receives
+    only its own rows;
+  * a global `jax.Array` (N, D) living on the mesh's devices, with any sharding (e.g. built with
+    `jax.make_array_from_process_local_data`, which needs N divisible by the device count); it is
+    padded and resharded by rows inside the compiled program;
+  * a `ShardedRows` from `shard_rows(local_rows)`: every process passes only its own contiguous chunk
+    of rows (any sizes, global order = process order); no process ever holds all the data.
+
+Outputs are global arrays (N, k): sharded by rows when the mesh axis size divides N, replicated over
+the mesh otherwise (jax arrays cannot be sharded unevenly; (N, k) is small next to the data).
+`gather_to_host` brings them (or any global array) to numpy on every process; the estimators and
+overlaps (`idjax.twonn`, `gride_scaling`, `label_overlap`, `data_overlap`) accept the outputs directly
+when they are fully addressable (one host) and need `gather_to_host` first on several hosts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from idjax import validation
+from idjax.neighbors import DEFAULT_MEMORY_BUDGET_BYTES, EXTRA_CANDIDATES, Neighbors, compute_dtype
+
+
+class ShardedRows(NamedTuple):
+    """Points spread over the mesh by `shard_rows`, in a padded layout.
+
+    points: (P * n_local, D) global array sharded by rows; padding rows are zero.
+    ids: (P * n_local,) int32 global row index of each stored row, -1 for padding.
+    positions: (N,) int64 host array, where global row r is stored in `points` (same on every process).
+    """
+
+    points: jax.Array
+    ids: jax.Array
+    positions: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.positions.shape[0])
+
+
+def default_mesh(axis_name: str = "data") -> Mesh:
+    """A 1-D mesh over all devices of all processes (process-major order, as `jax.devices()` lists them)."""
+    return Mesh(np.asarray(jax.devices()), (axis_name,))
+
+
+def _check_mesh(mesh: Mesh | None, axis_name: str) -> Mesh:
+    mesh = default_mesh(axis_name) if mesh is None else mesh
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
+    return mesh
+
+
+def process_row_range(n: int, process_id: int | None = None, num_processes: int | None = None) -> tuple[int, int]:
+    """A balanced contiguous split of N rows over processes: (start, stop) of this process's chunk.
+
+    Convenience for loaders that feed `shard_rows`: process p loads rows start..stop-1.
+    """
+    p = jax.process_index() if process_id is None else int(process_id)
+    count = jax.process_count() if num_processes is None else int(num_processes)
+    return p * n // count, (p + 1) * n // count
+
+
+def _row_layout(mesh: Mesh, axis_name: str, n_pad: int) -> list[slice]:
+    """This process's row slices of a (n_pad, ...) array sharded by rows, ascending, deduplicated.
+
+    `make_array_from_process_local_data` maps local rows onto exactly these slices, in this order.
+    """
+    index_map = NamedSharding(mesh, P(axis_name)).addressable_devices_indices_map((n_pad,))
+    starts = sorted({(idx[0].start or 0, idx[0].stop) for idx in index_map.values()})
+    return [slice(a, b) for a, b in starts]
+
+
+def _allgather_host(values: np.ndarray) -> np.ndarray:
+    """(n_processes, ...) stack of one equally shaped host array from every process."""
+    if jax.process_count() == 1:
+        return values[None]
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def shard_rows(local_rows, *, mesh: Mesh | None = None, axis_name: str = "data") -> ShardedRows:
+    """Builds the sharded point set from each process's own chunk of rows (a collective call).
+
+    Args:
+      local_rows: (n_p, D) host array held by this process: its contiguous chunk of the data set. The
+        global row order is process 0's rows, then process 1's, ... Chunks may differ in size.
+      mesh, axis_name: the device mesh and the axis the rows are sharded over (default: all devices).
+
+    Returns:
+      ShardedRows for `knn_sharded`. Each process's rows land on its own devices; none is copied to
+      another host.
+    """
+    mesh = _check_mesh(mesh, axis_name)
+    local = np.asarray(validation.as_points(local_rows, "local_rows", min_points=0))
+    shapes = _allgather_host(np.asarray(local.shape, np.int64))
+    if len(set(shapes[:, 1].tolist())) != 1:
+        raise ValueError(f"processes hold rows of different dimension: {shapes[:, 1].tolist()}")
+    counts = shapes[:, 0]
+    if int(counts.sum()) < 2:
+        raise ValueError(f"the processes hold {int(counts.sum())} rows in all; at least 2 are needed")
+    n_dev = mesh.shape[axis_name]
+    slices_per_process = _allgather_host(np.asarray([len(_row_layout(mesh, axis_name, n_dev))], np.int64))[:, 0]
+    if len(set(slices_per_process.tolist())) != 1:
+        raise ValueError(f"processes hold different numbers of row shards: {slices_per_process.tolist()}")
+    per_process = int(slices_per_process[0])
+    n_local = max(1, math.ceil(int(counts.max()) / per_process))
+    n_pad = n_dev * n_local
+    layout = _row_layout(mesh, axis_name, n_pad)
+    m = per_process * n_local
+    me = jax.process_index()
+    offset = int(counts[:me].sum())
+    count = int(counts[me])
+    dtype = np.dtype(compute_dtype(local))
+    padded = np.zeros((m, local.shape[1]), dtype)
+    padded[:count] = local
+    ids = np.full((m,), -1, np.int32)
+    ids[:count] = offset + np.arange(count, dtype=np.int32)
+    points = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P(axis_name, None)), padded, (n_pad, local.shape[1]))
+    id_array = jax.make_array_from_process_local_data(NamedSharding(mesh, P(axis_name)), ids, (n_pad,))
+    stored_at = np.concatenate([np.arange(s.start, s.stop) for s in layout])[:m]
+    local_positions = np.full((m,), -1, np.int64)
+    local_positions[:count] = stored_at[:count]
+    all_positions = _allgather_host(local_positions)
+    positions = np.concatenate([all_positions[p, : counts[p]] for p in range(len(counts))])
+    return ShardedRows(points, id_array, positions)
+
+
+def _ring_kernel(x_local, id_local, *, axis_name: str, n_dev: int, k: int, k_search: int, block: int, chunk: int):
+    """Per-device body of the ring search: (n_local, D), (n_local,) -> (n_local, k), (n_local, k).
+
+    Pass 1 (screening): the key blocks go once around the ring; each visit merges the block's GEMM-form
+    distances into the running top-k_search by one top_k over [running, block] per query tile.
+    Candidates are tracked by padded position (owner * n_local + row), which ascends with the global
+    index. top_k breaks ties by lower position, so to keep the running lists in (distance, position)
+    order two lists are kept: blocks owned by lower devices (visited after the ring wraps) and the
+    rest; they are merged lower-first at the end.
+    Pass 2 (exact re-ranking): the blocks go around again; the candidates, bucketed by owner with one
+    integer sort, get sum((q - r)^2) from the visiting block in chunks, so each candidate row is
+    gathered once. A final top_k over each query's candidates, laid out by ascending position, orders
+    them by (exact distance, global index), as `idjax.knn` does.
+    """
+    n_local, _ = x_local.shape
+    dtype = x_local.dtype
+    me = jax.lax.axis_index(axis_name)
+    n_blocks = -(-n_local // block)
+    rows = n_blocks * block
+    queries = jnp.pad(x_local, ((0, rows - n_local), (0, 0)))
+    query_ids = jnp.pad(id_local, (0, rows - n_local), constant_values=-1)
+    query_sq = jnp.sum(queries * queries, axis=-1)
+    ring = [(j, (j - 1) % n_dev) for j in range(n_dev)]  # device j sends its block to j - 1
+
+    def varying(a):
+        return jax.lax.pcast(a, axis_name, to="varying")
+
+    # ---- pass 1: screening by the GEMM form.
+    def screen(lists, keys, key_ids, owner):
+        key_sq = jnp.sum(keys * keys, axis=-1)
+        use_lo = owner < me
+        base = owner * n_local
+
+        def one_block(b, lists):
+            lo_d, lo_p, hi_d, hi_p = lists
+            start = b * block
+            q = jax.lax.dynamic_slice_in_dim(queries, start, block)
+            qid = jax.lax.dynamic_slice_in_dim(query_ids, start, block)
+            q_sq = jax.lax.dynamic_slice_in_dim(query_sq, start, block)
+            old = [jax.lax.dynamic_slice_in_dim(a, start, block) for a in lists]
+            cur_d = jnp.where(use_lo, old[0], old[2])
+            cur_p = jnp.where(use_lo, old[1], old[3])
+            dots = jnp.matmul(q, keys.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype)
+            d2 = q_sq[:, None] + key_sq[None, :] - 2.0 * dots
+            # Padding keys (id -1) and self (same global id) never count: by index, not by position.
+            d2 = jnp.where((key_ids[None, :] < 0) | (key_ids[None, :] == qid[:, None]), jnp.inf, d2)
+            both = jnp.concatenate([cur_d, d2], axis=1)
+            _, sel = jax.lax.top_k(-both, k_search)
+            new_d = jnp.take_along_axis(both, sel, axis=1)
+            kept = jnp.take_along_axis(cur_p, jnp.minimum(sel, k_search - 1), axis=1)
+            new_p = jnp.where(sel < k_search, kept, base + sel - k_search)
+            updated = [jnp.where(use_lo, new_d, old[0]), jnp.where(use_lo, new_p, old[1]),
+                       jnp.where(use_lo, old[2], new_d), jnp.where(use_lo, old[3], new_p)]
+            return tuple(jax.lax.dynamic_update_slice_in_dim(a, u, start, axis=0) for a, u in zip(lists, updated,
+                                                                                                 strict=True))
+
+        if n_blocks == 1:
+            return one_block(0, lists)
+        return jax.lax.fori_loop(0, n_blocks, one_block, lists)
+
+    empty_d = varying(jnp.full((rows, k_search), jnp.inf, dtype))
+    empty_p = varying(jnp.zeros((rows, k_search), jnp.int32))
+    lists = (empty_d, empty_p, empty_d, empty_p)
+
+    def screen_step(step, carry):
+        lists, keys, key_ids = carry
+        next_keys = jax.lax.ppermute(keys, axis_name, ring)  # in flight while this block is searched
+        next_ids = jax.lax.ppermute(key_ids, axis_name, ring)
+        return screen(lists, keys, key_ids, (me + step) % n_dev), next_keys, next_ids
+
+    lists, keys, key_ids = jax.lax.fori_loop(0, n_dev - 1, screen_step, (lists, x_local, id_local))
+    lo_d, lo_p, hi_d, hi_p = screen(lists, keys, key_ids, (me + n_dev - 1) % n_dev)
+    _, sel = jax.lax.top_k(-jnp.concatenate([lo_d, hi_d], axis=1), k_search)
+    positions = jnp.sort(jnp.take_along_axis(jnp.concatenate([lo_p, hi_p], axis=1), sel, axis=1), axis=1)
+
+    # ---- pass 2: exact distances of the candidates, bucketed by the device that owns their rows.
+    total = rows * k_search
+    flat_pos = positions.reshape(-1)
+    order = jnp.sort((flat_pos // n_local) * total + jnp.arange(total, dtype=jnp.int32))
+    bounds = jnp.searchsorted(order, jnp.arange(n_dev + 1, dtype=jnp.int32) * total).astype(jnp.int32)
+    order = jnp.pad(order, (0, chunk), constant_values=n_dev * total)
+    slots = order % total
+    exact_sorted = varying(jnp.zeros((total + chunk,), dtype))
+    ids_sorted = varying(jnp.zeros((total + chunk,), jnp.int32))
+
+    def rerank(bufs, keys, key_ids, owner):
+        stop = bounds[owner + 1]
+
+        def body(state):
+            c, exact_sorted, ids_sorted = state
+            f = jax.lax.dynamic_slice_in_dim(slots, c, chunk)
+            valid = c + jnp.arange(chunk, dtype=jnp.int32) < stop
+            key_row = jnp.clip(flat_pos[f] - owner * n_local, 0, n_local - 1)
+            diff = queries[f // k_search] - keys[key_row]
+            exact = jnp.sum(diff * diff, axis=-1)
+            old_e = jax.lax.dynamic_slice_in_dim(exact_sorted, c, chunk)
+            old_i = jax.lax.dynamic_slice_in_dim(ids_sorted, c, chunk)
+            exact_sorted = jax.lax.dynamic_update_slice_in_dim(exact_sorted, jnp.where(valid, exact, old_e), c, 0)
+            ids_sorted = jax.lax.dynamic_update_slice_in_dim(ids_sorted, jnp.where(valid, key_ids[key_row], old_i),
+                                                             c, 0)
+            return c + chunk, exact_sorted, ids_sorted
+
+        _, exact_sorted, ids_sorted = jax.lax.while_loop(lambda s: s[0] < stop, body, (bounds[owner], *bufs))
+        return exact_sorted, ids_sorted
+
+    def rerank_step(step, carry):
+        bufs, keys, key_ids = carry
+        next_keys = jax.lax.ppermute(keys, axis_name, ring)
+        next_ids = jax.lax.ppermute(key_ids, axis_name, ring)
+        return rerank(bufs, keys, key_ids, (me + step) % n_dev), next_keys, next_ids
+
+    bufs, keys, key_ids = jax.lax.fori_loop(0, n_dev - 1, rerank_step,
+                                            ((exact_sorted, ids_sorted), x_local, id_local))
+    exact_sorted, ids_sorted = rerank(bufs, keys, key_ids, (me + n_dev - 1) % n_dev)
+    exact = jnp.zeros((total,), dtype).at[slots[:total]].set(exact_sorted[:total]).reshape(rows, k_search)
+    ids = jnp.zeros((total,), jnp.int32).at[slots[:total]].set(ids_sorted[:total]).reshape(rows, k_search)
+    # Candidates of a row sit in ascending position (= global index) order and top_k keeps the lower
+    # slot first among equal values, so this is the (distance, index) order of idjax.knn.
+    _, best = jax.lax.top_k(-exact, k)
+    dist = jnp.sqrt(jnp.take_along_axis(exact, best, axis=1))
+    return dist[:n_local], jnp.take_along_axis(ids, best, axis=1)[:n_local]
+
+
+@functools.lru_cache(maxsize=64)
+def _program(mesh: Mesh, axis_name: str, n: int, n_pad: int, k: int, k_search: int, block: int, chunk: int,
+             dtype_name: str, compact: bool):
+    n_dev = mesh.shape[axis_name]
+    dtype = jnp.dtype(dtype_name)
+    rows = NamedSharding(mesh, P(axis_name, None))
+    vector = NamedSharding(mesh, P(axis_name))
+    out = rows if n % n_dev == 0 else NamedSharding(mesh, P())
+    kernel = jax.shard_map(
+        functools.partial(_ring_kernel, axis_name=axis_name, n_dev=n_dev, k=k, k_search=k_search, block=block,
+                          chunk=chunk),
+        mesh=mesh, in_specs=(P(axis_name, None), P(axis_name)), out_specs=(P(axis_name, None), P(axis_name, None)))
+
+    def run(x, ids, positions):
+        x = x.astype(dtype)
+        if x.shape[0] < n_pad:
+            x = jnp.pad(x, ((0, n_pad - x.shape[0]), (0, 0)))
+        x = jax.lax.with_sharding_constraint(x, rows)
+        if ids is None:
+            arange = jnp.arange(n_pad, dtype=jnp.int32)
+            ids = jax.lax.with_sharding_constraint(jnp.where(arange < n, arange, -1), vector)
+        dist, idx = kernel(x, ids)
+        if compact:
+            dist, idx = dist[positions], idx[positions]
+        else:
+            dist, idx = dist[:n], idx[:n]
+        return jax.lax.with_sharding_constraint(dist, out), jax.lax.with_sharding_constraint(idx, out)
+
+    return jax.jit(run)
+
+
+def _tile_rows(n_local: int, dim: int, k_search: int, itemsize: int, block_size: int | None,
+               memory_budget_bytes: int | None) -> int:
+    """Local query rows per distance tile: within the budget, balanced so the last tile is not mostly padding.
+
+    One row of a tile costs its distances, the [running, block] concatenation and the mask
+    (~3 n_local words) plus its candidate lists (~4 k_search words).
+    """
+    del dim
+    if block_size is None:
+        budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
+        block_size = min(4096, max(8, budget // (itemsize * (3 * n_local + 4 * k_search))))
+    block_size = max(1, min(int(block_size), n_local))
+    block = math.ceil(n_local / math.ceil(n_local / block_size))
+    return block if block <= 8 else math.ceil(block / 8) * 8
+
+
+def _chunk_entries(n_local: int, block: int, dim: int, k_search: int, n_dev: int, itemsize: int,
+                   memory_budget_bytes: int | None) -> int:
+    """Candidates per exact re-ranking chunk: about a quarter of one owner's share, within the budget."""
+    total = math.ceil(n_local / block) * block * k_search
+    if (n_dev + 1) * total >= 2**31:
+        raise ValueError(
+            f"{n_local} rows per device x {k_search} candidates is too many to bucket with int32 keys; "
+            "use more devices (or fewer points / a smaller k)")
+    budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
+    cap = max(256, budget // (12 * dim * itemsize))  # gathered query and key rows and their difference
+    return int(min(max(256, math.ceil(total / (4 * n_dev) / 256) * 256), cap))
+
+
+def plan_blocks(n: int, dim: int, k: int, n_devices: int, *, itemsize: int = 4, block_size: int | None = None,
+                memory_budget_bytes: int | None = None) -> tuple[int, int]:
+    """(n_local, block): rows per device (ceil(N / P)) and local query rows per distance tile."""
+    n_local = max(1, math.ceil(n / n_devices))
+    k_search = min(k + EXTRA_CANDIDATES, n - 1)
+    return n_local, _tile_rows(n_local, dim, k_search, itemsize, block_size, memory_budget_bytes)
+
+
+def memory_per_device(n: int, dim: int, k: int, n_devices: int, *, itemsize: int = 4,
+                      block_size: int | None = None, memory_budget_bytes: int | None = None) -> int:
+    """Working-set estimate in bytes of one device of `knn_sharded`: O(N/P (N/P + k)) plus one chunk.
+
+    The local rows, the visiting key block and its incoming copy (3 n_local D); one distance tile, its
+    [running, block] concatenation and mask (3 block n_local); the candidate lists of both passes and
+    the outputs (~12 n_local k_search); one re-ranking chunk of gathered rows (3 chunk D).
+    """
+    n_local, block = plan_blocks(n, dim, k, n_devices, itemsize=itemsize, block_size=block_size,
+                                 memory_budget_bytes=memory_budget_bytes)
+    k_search = min(k + EXTRA_CANDIDATES, n - 1)
+    chunk = _chunk_entries(n_local, block, dim, k_search, n_devices, itemsize, memory_budget_bytes)
+    rows = math.ceil(n_local / block) * block
+    words = 3 * n_local * dim + 3 * block * n_local + 12 * rows * k_search + 3 * chunk * dim
+    return int(words * itemsize)
+
+
+def _all_finite(x: jax.Array) -> bool:
+    replicated = NamedSharding(x.sharding.mesh, P()) if isinstance(x.sharding, NamedSharding) else None
+    check = jax.jit(lambda a: jnp.all(jnp.isfinite(a)), out_shardings=replicated)
+    return bool(check(x))
+
+
+def knn_sharded(
+    x,
+    k: int,
+    *,
+    mesh: Mesh | None = None,
+    axis_name: str = "data",
+    block_size: int | None = None,
+    memory_budget_bytes: int | None = None,
+) -> Neighbors:
+    """Exact Euclidean nearest neighbours 1..k of every row of `x` among all rows, sharded over a mesh axis.
+
+    Args:
+      x: (N, D) points: a host array (one process, or the same on every process), a global jax.Array on
+        the mesh's devices (any sharding, any number of processes), or a `ShardedRows` from `shard_rows`.
+        float32/64; bf16/fp16 and integers are accumulated in fp32.
+      k: number of neighbours (1 <= k <= N - 1); each point is excluded from its own list by index.
+      mesh: device mesh (default: a 1-D mesh over all devices); rows are sharded over `axis_name`
+        and replicated over any other axes.
+      block_size: local query rows per distance tile; default from `memory_budget_bytes`.
+      memory_budget_bytes: bound on one tile's working set (default 512 MiB, as `idjax.knn`).
+
+    Returns:
+      Neighbors(distances (N, k) ascending float32 (float64 under x64 with float64 input),
+                indices (N, k) int32 global row indices): global arrays sharded by rows if the axis
+      size divides N, else replicated over the mesh. Equal to `idjax.knn(x, k)`.
+    """
+    mesh = _check_mesh(mesh, axis_name)
+    n_dev = mesh.shape[axis_name]
+    positions = None
+    if isinstance(x, ShardedRows):
+        n, dim = x.n, x.points.shape[1]
+        dtype = compute_dtype(x.points)
+        sharding = x.points.sharding
+        if (not isinstance(sharding, NamedSharding) or sharding.mesh != mesh
+                or tuple(sharding.spec)[:1] != (axis_name,)):
+            raise ValueError("ShardedRows was built for another mesh or axis; call shard_rows with this mesh")
+        points, ids = x.points, x.ids
+        n_pad = points.shape[0]
+        if not np.array_equal(x.positions, np.arange(n)):
+            positions = np.asarray(x.positions, np.int32)
+    else:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.ndim != 2:
+                raise ValueError(f"x must be a 2-D array (N points, D features); got shape {tuple(x.shape)}")
+            if not set(x.sharding.device_set) <= set(mesh.devices.flat):
+                raise ValueError("x lives on devices outside the mesh; pass the mesh it is sharded over")
+            if jnp.issubdtype(x.dtype, jnp.floating) and not _all_finite(x):
+                raise ValueError("x contains NaN/inf entries")
+        else:
+            x = validation.as_points(x, "x")
+            if isinstance(x, jax.Array) and not set(x.sharding.device_set) <= set(mesh.devices.flat):
+                x = np.asarray(x)
+        n, dim = x.shape
+        dtype = compute_dtype(x)
+        n_pad = n_dev * max(1, math.ceil(n / n_dev))
+        if not isinstance(x, jax.Array):  # each device receives only its own rows
+            host = np.zeros((n_pad, dim), dtype)
+            host[:n] = np.asarray(x).astype(dtype, copy=False)
+            x = jax.make_array_from_process_local_data(NamedSharding(mesh, P(axis_name, None)), host, host.shape)
+        points, ids = x, None
+    validation.check_k(k, n - 1, what="neighbours", n_points=n)
+    k_search = min(k + EXTRA_CANDIDATES, n - 1)
+    itemsize = jnp.dtype(dtype).itemsize
+    block = _tile_rows(n_pad // n_dev, dim, k_search, itemsize, block_size, memory_budget_bytes)
+    chunk = _chunk_entries(n_pad // n_dev, block, dim, k_search, n_dev, itemsize, memory_budget_bytes)
+    program = _program(mesh, axis_name, int(n), int(n_pad), int(k), int(k_search), int(block), chunk,
+                       jnp.dtype(dtype).name, positions is not None)
+    dist, idx = program(points, ids, positions)
+    return Neighbors(dist, idx)
+
+
+def gather_to_host(value):
+    """A global jax.Array (or a tuple of them, e.g. `Neighbors`) as numpy on every process.
+
+    On several processes this is a collective (`process_allgather`): every process must call it.
+    """
+    if isinstance(value, tuple):
+        gathered = [gather_to_host(v) for v in value]
+        return type(value)(*gathered) if hasattr(value, "_fields") else type(value)(gathered)
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)

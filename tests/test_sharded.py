@@ -1,0 +1,189 @@
+"""idjax.sharded.knn_sharded: equal to single-device idjax.knn on 8 fake CPU devices and on 2 processes x 4 devices.
+
+The device count is fixed when jax starts and this pytest process has 1 device, so the multi-device
+runs happen in subprocesses (tests/sharded_worker.py) that write their results to an npz; this file
+compares them with idjax.knn computed here. Every subprocess has a timeout, so a hang fails.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import idjax
+from idjax import sharded
+
+WORKER = pathlib.Path(__file__).with_name("sharded_worker.py")
+REPO = WORKER.parents[1]
+TIMEOUT_S = 240
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.pop("JAX_ENABLE_X64", None)
+    return env
+
+
+def _data(path: pathlib.Path, n: int, dim: int, dtype, seed: int) -> dict:
+    """Gaussian points with exact duplicates (pairs and a triple), a second representation, labels,
+    and integer-valued points whose distances tie exactly and often."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(dtype)
+    x[n // 2: n // 2 + 20] = x[:20]
+    x[n - 3:] = x[5]
+    y = (x @ rng.normal(size=(dim, dim)).astype(dtype) + 0.3 * rng.normal(size=(n, dim))).astype(dtype)
+    data = {"x": x, "y": y, "labels": rng.integers(0, 4, size=n),
+            "ties": rng.integers(-2, 3, size=(n, 6)).astype(dtype)}
+    np.savez(path, **data)
+    return data
+
+
+def _run(args: list[str], devices: int, what: str) -> None:
+    try:
+        proc = subprocess.run([sys.executable, str(WORKER), *args], env=_env(devices), cwd=REPO,
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{what} hung for {TIMEOUT_S} s:\n{err.stderr}")
+    assert proc.returncode == 0, f"{what} failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
+
+
+def _assert_same(dist, idx, ref: idjax.Neighbors, what: str) -> None:
+    ref_d, ref_i = np.asarray(ref.distances), np.asarray(ref.indices)
+    assert dist.dtype == ref_d.dtype and idx.dtype == np.int32, what
+    np.testing.assert_array_equal(idx, ref_i, err_msg=what)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-6, atol=0, err_msg=what)
+
+
+def _assert_estimates(results, prefix: str, dist, idx, other_idx, labels) -> None:
+    assert float(results[f"{prefix}/twonn"]) == pytest.approx(float(idjax.twonn(dist, duplicates="drop")), rel=1e-6)
+    np.testing.assert_allclose(results[f"{prefix}/gride"],
+                               idjax.gride_scaling(dist, range_max=8, duplicates="drop").ids, rtol=1e-6)
+    assert float(results[f"{prefix}/label_overlap"]) == pytest.approx(idjax.label_overlap(idx, labels, 8))
+    assert float(results[f"{prefix}/data_overlap"]) == pytest.approx(idjax.data_overlap(idx, other_idx, 8))
+
+
+def test_eight_devices_equal_single_device(tmp_path):
+    n, ks = 1003, (1, 64)  # 1003 = 8 * 125 + 3: padded, masked rows; outputs replicated
+    data = _data(tmp_path / "x.npz", n, 24, np.float32, seed=0)
+    _run(["devices", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out.npz"),
+          "--k", ",".join(map(str, ks)), "--block-size", "40"], 8, "8-device worker")
+    r = np.load(tmp_path / "out.npz")
+    assert int(r["device_count"]) == 8
+    x = data["x"]
+    for k in ks:
+        _assert_same(r[f"host/{k}/distances"], r[f"host/{k}/indices"], idjax.knn(x, k), f"host input, k={k}")
+        assert str(r[f"host/{k}/spec"]) == "()"
+    ref = idjax.knn(x, 64)
+    # Duplicates are neighbours at distance 0, never the point itself.
+    assert (r["host/64/indices"] != np.arange(n)[:, None]).all()
+    assert r["host/64/distances"][n // 2, 0] == 0 and r["host/64/indices"][n // 2, 0] == 0
+    _assert_same(r["rows/distances"], r["rows/indices"], ref, "ShardedRows input")
+    _assert_same(r["global/distances"], r["global/indices"], idjax.knn(x[:1000], 64), "global jax.Array input")
+    assert str(r["global/spec"]) == "('data', None)"  # 1000 = 8 * 125: sharded by rows
+    _assert_same(r["ties/distances"], r["ties/indices"], idjax.knn(data["ties"], 64), "integer data with ties")
+    other = idjax.knn(data["y"], 64).indices
+    np.testing.assert_array_equal(r["other/indices"], np.asarray(other))
+    _assert_estimates(r, "sharded", ref.distances, ref.indices, other, data["labels"])
+
+
+def test_eight_devices_float64_under_x64(tmp_path):
+    n = 517
+    _data(tmp_path / "x.npz", n, 16, np.float64, seed=1)
+    _run(["devices", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out.npz"), "--k", "16", "--x64",
+          "--minimal"], 8, "8-device float64 worker")
+    r = np.load(tmp_path / "out.npz")
+    data = np.load(tmp_path / "x.npz")
+    with jax.enable_x64(True):
+        ref = idjax.knn(data["x"], 16)
+        assert ref.distances.dtype == np.float64
+        _assert_same(r["host/16/distances"], r["host/16/indices"], ref, "float64")
+        _assert_same(r["rows/distances"], r["rows/indices"], ref, "float64 ShardedRows")
+        _assert_same(r["ties/distances"], r["ties/indices"], idjax.knn(data["ties"], 16), "float64 ties")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_four_devices_each(tmp_path):
+    n, ks = 1203, (40,)
+    data = _data(tmp_path / "x.npz", n, 32, np.float32, seed=2)
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        args = ["multiprocess", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out.npz"),
+                "--k", ",".join(map(str, ks)), "--process-id", str(pid), "--num-processes", "2", "--port", str(port)]
+        log = open(tmp_path / f"process{pid}.log", "w")  # closed below
+        procs.append((subprocess.Popen([sys.executable, str(WORKER), *args], env=_env(4), cwd=REPO,
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p, _ in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    logs = "\n".join((tmp_path / f"process{pid}.log").read_text()[-3000:] for pid in range(2))
+    assert codes is not None, f"2-process run hung for {TIMEOUT_S} s:\n{logs}"
+    assert codes == [0, 0], f"2-process run failed {codes}:\n{logs}"
+    r = np.load(tmp_path / "out.npz")
+    assert int(r["device_count"]) == 8 and int(r["local_device_count"]) == 4
+    x = data["x"]
+    for k in ks:
+        _assert_same(r[f"rows/{k}/distances"], r[f"rows/{k}/indices"], idjax.knn(x, k), f"2 processes, k={k}")
+    ref = idjax.knn(x, max(ks))
+    _assert_same(r["global/distances"], r["global/indices"], idjax.knn(x[:1200], max(ks)), "global array")
+    other = idjax.knn(data["y"], max(ks)).indices
+    np.testing.assert_array_equal(r["other/indices"], np.asarray(other))
+    _assert_estimates(r, "gathered", ref.distances, ref.indices, other, data["labels"])
+
+
+# In this process (1 device): the same code on a 1-device mesh, checks and helpers.
+
+
+def test_one_device_mesh_and_estimators_accept_outputs():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    nbrs = sharded.knn_sharded(x, 10, block_size=64)
+    ref = idjax.knn(x, 10)
+    _assert_same(np.asarray(nbrs.distances), np.asarray(nbrs.indices), ref, "1 device")
+    assert isinstance(nbrs, idjax.Neighbors)
+    assert idjax.twonn(nbrs.distances) == pytest.approx(idjax.twonn(ref.distances))
+    host = sharded.gather_to_host(nbrs)
+    assert isinstance(host, idjax.Neighbors) and isinstance(host.indices, np.ndarray)
+    dist, idx = sharded.knn_sharded(jax.numpy.asarray(x, jax.numpy.bfloat16), 5)
+    assert dist.dtype == np.float32
+
+
+def test_checks_and_memory_plan():
+    x = np.random.default_rng(4).normal(size=(20, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="need N > k"):
+        sharded.knn_sharded(x, 20)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        sharded.knn_sharded(bad, 2)
+    with pytest.raises(ValueError, match="not an axis"):
+        sharded.knn_sharded(x, 2, mesh=sharded.default_mesh("rows"))
+    assert sharded.process_row_range(10, 1, 3) == (3, 6)
+    # Unblocked (one tile of all local queries), memory per device is O(N/P (N/P + k)) + one chunk.
+    one, eight = (sharded.memory_per_device(80_000, 512, 64, p, block_size=10**9) for p in (1, 8))
+    assert one / 70 < eight < one / 30
+    # Blocked by the default budget, the tile stays near 512 MiB and only the local rows shrink.
+    assert sharded.memory_per_device(80_000, 512, 64, 8) < 700 * 2**20
