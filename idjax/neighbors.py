@@ -24,7 +24,7 @@ DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # Candidates beyond k re-ranked exactly, so near-ties at the k boundary are decided by exact distances.
 EXTRA_CANDIDATES = 8
 # Columns per group in the two-stage exact selection (see `_smallest_columns`).
-GROUP_SIZE = 16
+GROUP_SIZE = 32
 
 
 class Neighbors(NamedTuple):
@@ -116,8 +116,9 @@ def _smallest_columns(d2: jax.Array, count: int, group_size: int = GROUP_SIZE) -
     n_groups = -(-n // group_size)
     if n_groups <= count:
         return jax.lax.top_k(-d2, count)[1]
-    padded = jnp.pad(d2, ((0, 0), (0, n_groups * group_size - n)), constant_values=jnp.inf)
-    groups = padded.reshape(b, n_groups, group_size)
+    if n % group_size:  # callers that can, pad the GEMM instead: this pad copies the whole block
+        d2 = jnp.pad(d2, ((0, 0), (0, n_groups * group_size - n)), constant_values=jnp.inf)
+    groups = d2.reshape(b, n_groups, group_size)
     _, best_groups = jax.lax.top_k(-groups.min(axis=-1), count)
     best_groups = jnp.sort(best_groups, axis=-1)  # ascending columns, so ties keep the lower index
     candidates = jnp.take_along_axis(groups, best_groups[:, :, None], axis=1).reshape(b, -1)
@@ -125,31 +126,67 @@ def _smallest_columns(d2: jax.Array, count: int, group_size: int = GROUP_SIZE) -
     return jnp.take_along_axis(best_groups, position // group_size, axis=1) * group_size + position % group_size
 
 
+# The GEMM form's error is about eps * (|q|^2 + |r|^2); where every candidate of a block lies at least
+# this fraction of |q|^2 + |r|^2 away, its GEMM distances are already accurate to ~1e-6 relative
+# (float32) and the block skips the exact recomputation, whose row gather costs as much as the GEMM.
+EXACT_RECOMPUTE_RATIO = 0.1
+
+
 @functools.partial(jax.jit, static_argnames=("k", "k_search", "block_size", "exclude_self"))
 def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, block_size: int,
                 exclude_self: bool) -> tuple[jax.Array, jax.Array]:
-    n_query = queries.shape[0]
+    n_query, dim = queries.shape
+    n_ref = ref.shape[0]
     n_blocks = -(-n_query // block_size)
     padded = jnp.pad(queries, ((0, n_blocks * block_size - n_query), (0, 0)))
-    ref_sq = jnp.sum(ref * ref, axis=-1)
-    columns = jnp.arange(ref.shape[0], dtype=jnp.int32)
+    # Distances are translation invariant; centering shrinks |q|^2 + |r|^2 and with it the GEMM form's
+    # rounding error (representations often sit far from the origin). The exact recomputation uses the
+    # original coordinates: centering rounds them, which would blur near-duplicates.
+    center = jnp.mean(ref, axis=0)
+    centered_ref = ref - center
+    centered_queries = padded - center
+    ref_sq = jnp.sum(centered_ref * centered_ref, axis=-1)
+    # One GEMM yields the ranking key |r|^2 - 2 q.r directly (|q|^2 is constant per row): queries get
+    # a column of ones, references -2 r and a column |r|^2, padded to a multiple of 8 columns. This
+    # saves a full elementwise pass over the (b, N) block, about a third of the GEMM's own time on CPU.
+    # Reference rows are padded to a multiple of GROUP_SIZE with an infinite key, never selected.
+    extra = 8 - dim % 8 if dim % 8 else 8
+    ref_rows = -(-n_ref // GROUP_SIZE) * GROUP_SIZE
+    ref_key = jnp.concatenate([-2.0 * centered_ref, ref_sq[:, None], jnp.zeros((n_ref, extra - 1), ref.dtype)], 1)
+    ref_key = jnp.pad(ref_key, ((0, ref_rows - n_ref), (0, 0)))
+    ref_key = ref_key.at[n_ref:, dim].set(jnp.inf)
+    ones = jnp.ones((padded.shape[0], 1), padded.dtype)
+    query_key = jnp.concatenate([centered_queries, ones, jnp.zeros((padded.shape[0], extra - 1), padded.dtype)], 1)
+    n_candidates = k_search + 1 if exclude_self else k_search
 
     def one_block(block_index):
         start = block_index * block_size
         q = jax.lax.dynamic_slice_in_dim(padded, start, block_size)
-        dots = jnp.matmul(q, ref.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=q.dtype)
-        d2 = jnp.sum(q * q, axis=-1)[:, None] + ref_sq[None, :] - 2.0 * dots
+        qk = jax.lax.dynamic_slice_in_dim(query_key, start, block_size)
+        keys = jnp.matmul(qk, ref_key.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=q.dtype)
         rows = start + jnp.arange(block_size, dtype=jnp.int32)
-        if exclude_self:  # by index, never by position: duplicates of a point are real neighbours
-            d2 = jnp.where(columns[None, :] == rows[:, None], jnp.inf, d2)
-        candidates = _smallest_columns(d2, k_search)
-        diff = q[:, None, :] - ref[candidates]
-        exact = jnp.sum(diff * diff, axis=-1)
+        # The point itself has the smallest key (distance 0), so one extra candidate makes room for it;
+        # it is excluded below by index, never by position: duplicates of a point are real neighbours.
+        candidates = _smallest_columns(keys, n_candidates)
+        cq = jax.lax.dynamic_slice_in_dim(centered_queries, start, block_size)
+        q_sq = jnp.sum(cq * cq, axis=-1, keepdims=True)
+        scale = q_sq + ref_sq[candidates]
+        gemm_d2 = jnp.maximum(jnp.take_along_axis(keys, candidates, axis=1) + q_sq, 0.0)
         if exclude_self:
-            exact = jnp.where(candidates == rows[:, None], jnp.inf, exact)
+            is_self = candidates == rows[:, None]
+            gemm_d2 = jnp.where(is_self, jnp.inf, gemm_d2)
+        else:
+            is_self = jnp.zeros(candidates.shape, bool)
+        close = (gemm_d2 < EXACT_RECOMPUTE_RATIO * scale) & ~is_self
+
+        def exact_d2():
+            diff = q[:, None, :] - ref[candidates]
+            return jnp.where(is_self, jnp.inf, jnp.sum(diff * diff, axis=-1))
+
+        d2 = jax.lax.cond(jnp.any(close), exact_d2, lambda: gemm_d2)
         # Sort by (distance, index) so ties resolve to the lower index, deterministically.
-        exact, candidates = jax.lax.sort((exact, candidates), dimension=-1, num_keys=2)
-        return jnp.sqrt(exact[:, :k]), candidates[:, :k]
+        d2, candidates = jax.lax.sort((d2, candidates), dimension=-1, num_keys=2)
+        return jnp.sqrt(d2[:, :k]), candidates[:, :k]
 
     dist, idx = jax.lax.map(one_block, jnp.arange(n_blocks))
     return dist.reshape(-1, k)[:n_query], idx.reshape(-1, k)[:n_query]
@@ -187,7 +224,7 @@ def knn(
     dtype = compute_dtype(x)
     x = jnp.asarray(x, dtype)
     ref = x if y is None else jnp.asarray(ref, dtype)
-    k_search = min(k + EXTRA_CANDIDATES, ref.shape[0])
+    k_search = min(k + EXTRA_CANDIDATES, available)  # one more is added for the point itself
     if block_size is None:
         block_size = plan_knn(ref.shape[0], ref.shape[1], k, itemsize=dtype.itemsize,
                               memory_budget_bytes=memory_budget_bytes).block_size
