@@ -59,11 +59,7 @@ def child(args) -> None:
     before = _current_rss_bytes()
     if args.mode == "single":
         run = lambda: idjax.knn(x, args.k)
-        ks = min(args.k + neighbors.EXTRA_CANDIDATES, args.n)
-        block = neighbors.choose_block_size(args.n, args.d, ks, neighbors.DEFAULT_MEMORY_BUDGET_BYTES)
-        block = min(block, -(-args.n // 8) * 8)
-        # The working set of idjax.knn: the points, one block (~3 (b, N) matrices + candidates), the outputs.
-        formula = 4 * (args.n * args.d + block * (3 * args.n + 2 * ks * args.d + 4 * ks) + 2 * args.n * args.k)
+        formula = neighbors.plan_knn(args.n, args.d, args.k).bytes_per_device
     else:
         run = lambda: sharded.knn_sharded(x, args.k)
         formula = sharded.memory_per_device(args.n, args.d, args.k, jax.device_count())

@@ -95,13 +95,6 @@ def plan_knn(n: int, dim: int, k: int, *, devices: int = 1, memory_bytes: int | 
     return KnnPlan(block, int(fixed + block * per_row), devices)
 
 
-def choose_block_size(n_ref: int, dim: int, k_search: int, memory_budget_bytes: int, itemsize: int = 4) -> int:
-    """Query rows per block so one block's working set (~3 (b, n_ref) matrices + candidates) fits."""
-    per_row = itemsize * (3 * n_ref + 2 * k_search * dim + 4 * k_search)
-    rows = max(8, int(memory_budget_bytes // max(per_row, 1)))
-    return int(min(rows // 8 * 8 if rows >= 8 else 8, 4096))
-
-
 def _smallest_columns(d2: jax.Array, count: int, group_size: int = GROUP_SIZE) -> jax.Array:
     """Column indices of the `count` smallest entries of each row of d2 (b, n), exactly.
 
