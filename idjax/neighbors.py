@@ -133,9 +133,10 @@ def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, bl
     n_blocks = -(-n_query // block_size)
     padded = jnp.pad(queries, ((0, n_blocks * block_size - n_query), (0, 0)))
     # Distances are translation invariant; centering shrinks |q|^2 + |r|^2 and with it the GEMM form's
-    # rounding error (representations often sit far from the origin). The exact recomputation uses the
-    # original coordinates: centering rounds them, which would blur near-duplicates.
-    center = jnp.mean(ref, axis=0)
+    # rounding error (representations often sit far from the origin). The centre is rounded to integers
+    # so integer-valued data stay exact (exact ties keep resolving to the lower index), and the exact
+    # recomputation uses the original coordinates, since centering may round them.
+    center = jnp.round(jnp.mean(ref, axis=0))
     centered_ref = ref - center
     centered_queries = padded - center
     ref_sq = jnp.sum(centered_ref * centered_ref, axis=-1)
