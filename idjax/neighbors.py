@@ -119,12 +119,6 @@ def _smallest_columns(d2: jax.Array, count: int, group_size: int = GROUP_SIZE) -
     return jnp.take_along_axis(best_groups, position // group_size, axis=1) * group_size + position % group_size
 
 
-# The GEMM form's error is about eps * (|q|^2 + |r|^2); where every candidate of a block lies at least
-# this fraction of |q|^2 + |r|^2 away, its GEMM distances are already accurate to ~1e-6 relative
-# (float32) and the block skips the exact recomputation, whose row gather costs as much as the GEMM.
-EXACT_RECOMPUTE_RATIO = 0.1
-
-
 @functools.partial(jax.jit, static_argnames=("k", "k_search", "block_size", "exclude_self"))
 def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, block_size: int,
                 exclude_self: bool) -> tuple[jax.Array, jax.Array]:
@@ -162,22 +156,13 @@ def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, bl
         # The point itself has the smallest key (distance 0), so one extra candidate makes room for it;
         # it is excluded below by index, never by position: duplicates of a point are real neighbours.
         candidates = _smallest_columns(keys, n_candidates)
-        cq = jax.lax.dynamic_slice_in_dim(centered_queries, start, block_size)
-        q_sq = jnp.sum(cq * cq, axis=-1, keepdims=True)
-        scale = q_sq + ref_sq[candidates]
-        gemm_d2 = jnp.maximum(jnp.take_along_axis(keys, candidates, axis=1) + q_sq, 0.0)
+        # Exact re-ranking of every candidate by differences of the original coordinates: the GEMM
+        # form cancels for close pairs, and exact distances make ties (and results across the
+        # single-device and sharded paths) deterministic.
+        diff = q[:, None, :] - ref[candidates]
+        d2 = jnp.sum(diff * diff, axis=-1)
         if exclude_self:
-            is_self = candidates == rows[:, None]
-            gemm_d2 = jnp.where(is_self, jnp.inf, gemm_d2)
-        else:
-            is_self = jnp.zeros(candidates.shape, bool)
-        close = (gemm_d2 < EXACT_RECOMPUTE_RATIO * scale) & ~is_self
-
-        def exact_d2():
-            diff = q[:, None, :] - ref[candidates]
-            return jnp.where(is_self, jnp.inf, jnp.sum(diff * diff, axis=-1))
-
-        d2 = jax.lax.cond(jnp.any(close), exact_d2, lambda: gemm_d2)
+            d2 = jnp.where(candidates == rows[:, None], jnp.inf, d2)
         # Sort by (distance, index) so ties resolve to the lower index, deterministically.
         d2, candidates = jax.lax.sort((d2, candidates), dimension=-1, num_keys=2)
         return jnp.sqrt(d2[:, :k]), candidates[:, :k]
