@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 import idjax
 from experiments import report, store
+from idjax.files import atomic_save_npz, atomic_write_json
 from idjax.selection import select_layer
 
 
@@ -111,7 +112,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
                 metrics = dict(np.load(cache))
             else:
                 metrics = layer_metrics(np.asarray(x, np.float32)[keep], labels, cfg, seed + layer)
-                store.atomic_save_npz(cache, **metrics)
+                atomic_save_npz(cache, **metrics)
             per_layer.append(metrics)
             bar.update(1)
     k_overlap = min(cfg.overlap_k, per_layer[0]["indices"].shape[1])
@@ -201,7 +202,7 @@ def run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
         raise ValueError(f"the representations in {workdir} have no labels to probe")
     keep, _ = _common_keep(reps.layers, config.profile.duplicates)
     probes = run_probes(reps, keep, config.probe, config.profile.overlap_k)
-    store.atomic_write_json(workdir / "probes.json", probes)
+    atomic_write_json(workdir / "probes.json", probes)
     print(f"best probe layer ({probes['best_probe_metric']}): {probes['best_probe_layer']}; {workdir / 'probes.json'}")
     return probes
 
@@ -222,9 +223,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     results = {"name": config.get("name", workdir.name), "model": meta.get("model"), "data": meta.get("data"),
                "label_names": meta.get("label_names"), **summary,
                "config": json.loads(config.to_json_best_effort())}
-    store.atomic_save_npz(workdir / "profile.npz", **arrays)
-    store.atomic_write_json(workdir / "results.json", results)
+    atomic_save_npz(workdir / "profile.npz", **arrays)
+    atomic_write_json(workdir / "results.json", results)
     figures = report.write_figures(workdir, [(results["name"], results, arrays)])
     results["figures"] = [str(f) for f in figures]
-    store.atomic_write_json(workdir / "results.json", results)
+    atomic_write_json(workdir / "results.json", results)
     return results

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from idjax.files import atomic_write_text
 from models import esm2, igpt
 from models import palette as palette_lib
 from models import protein_tokenizer as ptok
@@ -57,12 +57,6 @@ SPECIAL_IDS = (ptok.CLS_ID, ptok.PAD_ID, ptok.EOS_ID)
 
 # ---------------------------------------------------------------------------------------------------
 # Small IO helpers
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
@@ -84,7 +78,7 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
     if not path.is_file():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    _atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+    atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -565,9 +559,9 @@ def train(
     optimizer, train_step, eval_sums, schedule = _step_functions(mcfg, tc.to_json(sort_keys=True))
 
     _check_resume_config(workdir, config)
-    _atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
-    _atomic_write_text(workdir / "model_config.json", json.dumps(_model_config_json(mcfg), indent=2))
-    _atomic_write_text(workdir / "data_split.json", json.dumps({"info": data.info, **split}))
+    atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+    atomic_write_text(workdir / "model_config.json", json.dumps(_model_config_json(mcfg), indent=2))
+    atomic_write_text(workdir / "data_split.json", json.dumps({"info": data.info, **split}))
 
     state = init_state(mcfg, optimizer, config.seed)
     n_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
@@ -649,7 +643,7 @@ def train(
         "compile_s": compile_s if tc.steps > start else None, "wall_time_s": time.perf_counter() - t_start,
         "workdir": str(workdir),
     }
-    _atomic_write_text(workdir / "train_result.json", json.dumps(result, indent=2))
+    atomic_write_text(workdir / "train_result.json", json.dumps(result, indent=2))
     plot_metrics(workdir)
     return result
 

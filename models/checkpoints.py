@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from idjax.files import atomic_write_json
+
 PathLike = str | os.PathLike
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -208,8 +210,7 @@ def save_orbax(path: PathLike, params: Any, metadata: Mapping[str, Any] | None =
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "params", params, force=True)
         ckptr.wait_until_finished()
-    (path / "metadata.json.tmp").write_text(json.dumps(dict(metadata or {}), indent=2, sort_keys=True))
-    os.replace(path / "metadata.json.tmp", path / "metadata.json")
+    atomic_write_json(path / "metadata.json", dict(metadata or {}))
 
 
 def restore_orbax(path: PathLike) -> tuple[Any, dict[str, Any]]:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idjax.files import atomic_save_npy
+
 PathLike = str | os.PathLike
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -85,11 +87,7 @@ def save_palette(path: PathLike, palette: np.ndarray) -> pathlib.Path:
     if path.suffix != ".npy":
         path = path.with_suffix(".npy")
     palette = _validate(palette, "palette to save")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, palette)
-    os.replace(tmp, path)
+    atomic_save_npy(path, palette)
     return path
 
 
