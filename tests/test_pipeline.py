@@ -77,6 +77,9 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
     saved = json.loads((workdir / "results.json").read_text())
     assert saved["selected_layer"] == select_layer(saved["id"], saved["id_err"]).selected == results["selected_layer"]
     assert len(saved["probes"]["linear_probe_accuracy"]) == 3
+    probes = profile.run_probe_only(config, workdir)  # the "probe" experiment, on the same store
+    assert json.loads((workdir / "probes.json").read_text()) == probes
+    assert probes["knn_accuracy"] == saved["probes"]["knn_accuracy"]
     for figure in saved["figures"]:
         assert pathlib.Path(figure).stat().st_size > 10_000
     # Representations equal a direct, uninterrupted computation of the same model.
