@@ -27,7 +27,8 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     config.model.pooling = "mean"  # esm2: mean | cls
     config.model.stream = "paper"  # igpt: paper (ln_1 stream) | residual
-    config.model.long_policy = "crop"  # esm2: error | crop | windows
+    config.model.long_policy = "crop"  # esm2: error | crop | windows (mean of windows, weighted by residues)
+    config.model.max_residues = 1022  # esm2: residues per sequence or window
     config.model.unknown = "error"  # esm2: error | X
     config.model.palette = ""  # igpt: .npy or preprocessor_config.json; empty: fit with k-means
     config.model.normalize = False  # bert: L2-normalise pooled vectors

@@ -195,3 +195,28 @@ def test_protein_pipeline_on_scope(shared_data, tmp_path):
     probes = results["probes"]
     assert probes["remote_homology"] and 0 < probes["remote_homology_points"] <= n
     assert len(probes["remote_homology_label_overlap"]) == 3
+
+
+def test_long_sequences_as_windows_average_weighted_by_residues():
+    from models import esm2, protein_tokenizer
+
+    rng = np.random.default_rng(0)
+    alphabet = np.array(list("LAGVSERTIDPKQNFYMHWC"))
+    seqs = ("".join(rng.choice(alphabet, 80)), "".join(rng.choice(alphabet, 20)))
+    examples = extract.Examples(("long", "short"), seqs, None, None, None, {})
+    cfg = base.analysis_config().model
+    cfg.size, cfg.long_policy = "tiny", "windows"
+    cfg.max_residues = 32
+    encoder = extract.esm2_encoder(cfg, examples, batch_size=2)
+    got = encoder.embed([0, 1])
+    model_cfg = esm2.get_config("tiny")
+    model, params = esm2.ESM2(model_cfg), esm2.init_params(model_cfg, seed=0)
+    windows = protein_tokenizer.tokenize(seqs[0], long_policy="windows", max_residues=32).pieces
+    assert len(windows) > 1
+    pooled = [np.asarray(esm2.pooled_hidden_states(model, params, np.asarray([w], np.int32)))[:, 0] for w in windows]
+    weights = np.array([len(w) - 2 for w in windows], float)
+    want = sum(w * p for w, p in zip(weights, pooled, strict=True)) / weights.sum()
+    np.testing.assert_allclose(got[:, 0], want, rtol=2e-5, atol=2e-6)
+    short = np.asarray(esm2.pooled_hidden_states(model, params, np.asarray(
+        [protein_tokenizer.tokenize(seqs[1]).pieces[0]], np.int32)))[:, 0]
+    np.testing.assert_allclose(got[:, 1], short, rtol=2e-5, atol=2e-6)
