@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -85,25 +86,36 @@ def finalize(directory: pathlib.Path, n_examples: int, *, labels: np.ndarray | N
     missing = sorted(set(range(len(plan["batches"]))) - finished_batches(directory))
     if missing:
         raise StoreError(f"cannot finalize {directory}: batches {missing[:10]} are missing")
-    parts = [np.load(batch_path(directory, b)) for b in range(len(plan["batches"]))]
-    order = np.concatenate([p["indices"] for p in parts])
+    n_batches = len(plan["batches"])
+    order = np.concatenate([np.load(batch_path(directory, b))["indices"] for b in range(n_batches)])
     if sorted(order.tolist()) != list(range(n_examples)):
         raise StoreError(f"batches of {directory} do not cover examples 0..{n_examples - 1} exactly once")
-    reps = np.concatenate([p["reps"] for p in parts], axis=1)  # (L+1, N, D) in batch order
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    reps = reps[:, inverse]
-    files = {}
-    for layer in range(reps.shape[0]):
-        name = f"layer_{layer:03d}.npy"
-        atomic_save_npy(directory / name, reps[layer])
-        files[name] = list(reps[layer].shape)
+    # Stream batch by batch into one memory-mapped file per layer, so memory stays at one batch even
+    # for 90k examples x 37 layers x 2560 dims (34 GB); each file is renamed into place when complete.
+    with np.load(batch_path(directory, 0)) as first:
+        n_layers, _, dim = first["reps"].shape
+    names = [f"layer_{layer:03d}.npy" for layer in range(n_layers)]
+    tmp_paths = [directory / f".{name}.tmp" for name in names]
+    outputs = [np.lib.format.open_memmap(t, mode="w+", dtype=np.float32, shape=(n_examples, dim)) for t in tmp_paths]
+    for b in range(n_batches):
+        with np.load(batch_path(directory, b)) as part:
+            reps, rows = part["reps"], part["indices"]
+        if reps.shape[0] != n_layers or reps.shape[2] != dim:
+            raise StoreError(f"batch {b} has shape {reps.shape}, batch 0 has ({n_layers}, *, {dim})")
+        for layer, out in enumerate(outputs):
+            out[rows] = reps[layer]
+    for out, tmp, name in zip(outputs, tmp_paths, names, strict=True):
+        out.flush()
+        del out
+        os.replace(tmp, directory / name)
+    outputs.clear()
+    files = {name: [n_examples, int(dim)] for name in names}
     if labels is not None:
         atomic_save_npy(directory / "labels.npy", np.asarray(labels))
         files["labels.npy"] = [len(labels)]
     atomic_write_json(directory / "ids.json", list(map(str, ids)))
     files["ids.json"] = [len(ids)]
-    manifest = {"n_examples": n_examples, "n_layers": int(reps.shape[0]), "dim": int(reps.shape[2]),
+    manifest = {"n_examples": n_examples, "n_layers": int(n_layers), "dim": int(dim),
                 "files": files, "fingerprint": plan["fingerprint"], "metadata": metadata}
     atomic_write_json(directory / MANIFEST, manifest)
 
