@@ -53,6 +53,7 @@ def analysis_config() -> ml_collections.ConfigDict:
 
     config.profile = ml_collections.ConfigDict()
     config.profile.k_max = 64
+    config.profile.sharded = "auto"  # auto: device ring (idjax.sharded) when > 1 device | always | never
     config.profile.twonn_fraction = 0.9
     config.profile.gride_range_max = 64
     config.profile.decimation = True

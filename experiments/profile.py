@@ -47,12 +47,26 @@ def _common_keep(layers: list[np.ndarray], policy: str) -> tuple[np.ndarray, lis
     return np.flatnonzero(keep), per_layer
 
 
+def knn_graph(x: np.ndarray, k: int, sharded: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """The kNN graph as host arrays: on one device `idjax.knn`; on several (GPUs, a TPU slice, or hosts
+    after `jax.distributed.initialize`) the device ring of `idjax.sharded.knn_sharded`.
+
+    sharded: "auto" (the ring when more than one device is visible), "always" or "never".
+    """
+    if sharded not in ("auto", "always", "never"):
+        raise ValueError(f"profile.sharded must be auto, always or never; got {sharded!r}")
+    if sharded == "always" or (sharded == "auto" and jax.device_count() > 1):
+        result = idjax.sharded.gather_to_host(idjax.sharded.knn_sharded(x, k))
+    else:
+        result = idjax.knn(x, k)
+    return np.asarray(result.distances), np.asarray(result.indices)
+
+
 def layer_metrics(x: np.ndarray, labels: np.ndarray | None, cfg: ml_collections.ConfigDict,
                   seed: int) -> dict[str, np.ndarray]:
     """Everything computed from one layer's (N, D) representation and its kNN graph."""
     k_max = min(cfg.k_max, x.shape[0] - 1)
-    dist, idx = idjax.knn(x, k_max)
-    dist = np.asarray(dist)
+    dist, idx = knn_graph(x, k_max, cfg.get("sharded", "auto"))
     out = {
         "indices": np.asarray(idx),
         "twonn": np.float64(idjax.twonn(dist, fraction=cfg.twonn_fraction)),

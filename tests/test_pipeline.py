@@ -133,6 +133,16 @@ def test_selected_layer_matches_a_hand_made_id_profile(tmp_path):
     assert results["peak_layer"] == 2 and results["selected_layer"] == 4
 
 
+def test_sharded_and_single_device_graphs_agree_in_the_profile():
+    x = manifold("sphere", 400, 3, 8)
+    single = profile.knn_graph(x, 10, "never")
+    ring = profile.knn_graph(x, 10, "always")  # a one-device mesh here; 8 devices in test_sharded.py
+    np.testing.assert_array_equal(single[1], ring[1])
+    np.testing.assert_array_equal(single[0], ring[0])
+    with pytest.raises(ValueError, match="auto, always or never"):
+        profile.knn_graph(x, 10, "sometimes")
+
+
 def test_duplicates_are_dropped_from_every_layer(tmp_path):
     x = manifold("linear", 300, 3, 8)
     layers = [x.copy(), 2 * x.copy()]
