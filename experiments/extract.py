@@ -296,15 +296,23 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Extracts pooled representations of every layer into `workdir/representations` (resumable)."""
     workdir = pathlib.Path(workdir)
     directory = store.store_dir(workdir)
+    # What is extracted, from the config alone (cheap: no model is loaded to decide whether to skip).
+    requested = store.fingerprint({key: config[key].to_dict() for key in ("model", "data")})
     if store.is_complete(directory):
         manifest = json.loads((directory / store.MANIFEST).read_text())
+        if manifest["metadata"].get("config_fingerprint") != requested:
+            raise store.StoreError(
+                f"{directory} holds representations of a different model or dataset (config fingerprint "
+                f"{manifest['metadata'].get('config_fingerprint')} vs {requested}); use another workdir"
+            )
         logging.info("representations already complete in %s; skipping extraction", directory)
         return manifest
     examples = load_examples(config.data)
     if len(examples) < 3:
         raise ValueError(f"the dataset selection left {len(examples)} examples; need at least 3")
     encoder = build_encoder(config.model, examples, config.extract.batch_size, workdir)
-    description = {"model": encoder.description, "data": examples.description, "ids_head": list(examples.ids[:5])}
+    description = {"model": encoder.description, "data": examples.description, "ids_head": list(examples.ids[:5]),
+                   "config_fingerprint": requested}
     store.open_plan(directory, encoder.plan, description)
     done = store.finished_batches(directory)
     todo = [b for b in range(len(encoder.plan)) if b not in done]

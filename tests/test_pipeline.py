@@ -70,6 +70,10 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
 
     results = profile.run(config, workdir)
     reps = store.load(directory)
+    other = tiny_igpt_config()
+    other.model.seed = 1  # a different model must not silently reuse these representations
+    with pytest.raises(store.StoreError, match="different model or dataset"):
+        extract.run(other, workdir)
     assert len(reps.layers) == 3 and reps.layers[0].shape == (240, 32) and reps.labels.shape == (240,)
     npz = np.load(workdir / "profile.npz")
     assert npz["id"].shape == (3,) and npz["gride_ids"].shape == (3, 4) and npz["label_overlap"].shape == (3, 2)
