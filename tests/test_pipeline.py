@@ -70,6 +70,8 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
 
     results = profile.run(config, workdir)
     reps = store.load(directory)
+    calls.clear()
+    assert extract.run(config, workdir) == manifest and not calls  # same config, finished store: nothing redone
     other = tiny_igpt_config()
     other.model.seed = 1  # a different model must not silently reuse these representations
     with pytest.raises(store.StoreError, match="different model or dataset"):
