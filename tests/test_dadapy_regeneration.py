@@ -19,6 +19,8 @@ REFERENCE_DIR = REPO_ROOT / "tests" / "reference"
 SCRIPT = REFERENCE_DIR / "make_dadapy_reference.py"
 COMMITTED = REFERENCE_DIR / "dadapy_reference.npz"
 DADAPY_PYTHON = REPO_ROOT / ".venv-dadapy" / "bin" / "python"
+# Written by `make dadapy-venv` only after DADApy installed, so a half-built venv is not mistaken for one.
+DADAPY_READY = REPO_ROOT / ".venv-dadapy" / ".installed-stamp"
 
 INPUT_KEYS = {"X1", "X1b", "X2", "X3", "X1_labels"}
 FLOAT_RTOL = 1e-12
@@ -37,8 +39,8 @@ def test_committed_reference_is_small_and_loadable():
 
 
 @pytest.mark.skipif(
-    not DADAPY_PYTHON.exists(),
-    reason=f"{DADAPY_PYTHON.relative_to(REPO_ROOT)} not found (build it with `make dadapy-venv`)",
+    not DADAPY_READY.exists(),
+    reason=f"{DADAPY_READY.relative_to(REPO_ROOT)} not found (build the venv with `make dadapy-venv`)",
 )
 def test_dadapy_reference_regenerates(tmp_path):
     out = tmp_path / "dadapy_reference.npz"
