@@ -27,17 +27,15 @@ import numpy as np
 import optax
 
 import idjax
+from idjax import validation
 
 # ---------------------------------------------------------------------------------------------------
 # Splits and preprocessing
 
 
-def _codes(labels: np.ndarray, n: int, name: str = "labels") -> tuple[np.ndarray, int]:
-    arr = np.asarray(labels)
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"{name} must be 1-D with {n} entries (one per point); got shape {arr.shape}")
-    _, codes = np.unique(arr, return_inverse=True)
-    codes = codes.ravel().astype(np.int32)
+def _codes(labels: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+    """Integer label codes 0..C-1 (checked by `idjax.validation.as_labels`) and the class count C."""
+    codes = validation.as_labels(labels, n)
     return codes, int(codes.max()) + 1 if n else 0
 
 

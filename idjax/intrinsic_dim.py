@@ -208,12 +208,6 @@ _twonn_jit = jax.jit(twonn_from_mus, static_argnames=("method",))
 # Host-level API with validation and the duplicates policy.
 
 
-def _float_dtype(distances) -> jnp.dtype:
-    if jnp.dtype(distances.dtype) == jnp.float64 and jax.config.jax_enable_x64:
-        return jnp.dtype(jnp.float64)
-    return jnp.dtype(jnp.float32)
-
-
 def _ratios(distances, n1: int, n2: int, duplicates: str) -> tuple[jax.Array, jax.Array, int]:
     """mu = r_n2 / r_n1 and the validity mask under the duplicates policy; also the dropped count.
 
@@ -232,7 +226,7 @@ def _ratios(distances, n1: int, n2: int, duplicates: str) -> tuple[jax.Array, ja
         )
     if len(zero) - n_zero < 3:
         raise ValueError(f"only {len(zero) - n_zero} points remain after dropping duplicates; need >= 3")
-    dtype = _float_dtype(distances)
+    dtype = compute_dtype(distances)
     d = jnp.asarray(distances, dtype)
     valid = jnp.asarray(~zero)
     mus = jnp.where(valid, d[:, n2 - 1] / jnp.where(valid, d[:, n1 - 1], 1.0), 1.0)
@@ -307,7 +301,7 @@ def gride_scaling(distances, range_max: int = 64, *, duplicates: str = "error") 
     ranks = gride_ranks(range_max, distances.shape[1])
     # A positive rank-1 distance makes every ratio finite, so one mask serves all scales.
     _, valid, n_dropped = _ratios(distances, 1, 2, duplicates)
-    dtype = _float_dtype(distances)
+    dtype = compute_dtype(distances)
     d = jnp.asarray(distances, dtype)
     safe = jnp.where(valid[:, None], d, 1.0)
     mus = safe[:, ranks - 1] / safe[:, ranks // 2 - 1]
