@@ -154,9 +154,9 @@ def esm2_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size:
 
     source = cfg.source
     if source == "hf":
-        config, params = esm2.load_hf(cfg.path, dtype=cfg.get("dtype", "float32"))
+        config, params = esm2.load_hf(cfg.path)
     elif source == "fair_esm":
-        config, params = esm2.load_fair_esm(cfg.path, dtype=cfg.get("dtype", "float32"))
+        config, params = esm2.load_fair_esm(cfg.path)
     elif source == "orbax":
         config, params = esm2.restore_converted(cfg.path)
     elif source == "trained":
@@ -169,7 +169,7 @@ def esm2_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size:
         params = esm2.init_params(config, seed=cfg.get("seed", 0))
     else:
         raise ValueError(f"unknown ESM-2 source {source!r}: hf, fair_esm, orbax, trained, random")
-    if cfg.get("dtype", "float32") != "float32":
+    if cfg.get("dtype", "float32") != "float32":  # one cast for every source
         params = esm2.cast_params(params, cfg.dtype)
         config = dataclasses.replace(config, dtype=cfg.dtype)
     model = esm2.ESM2(config)

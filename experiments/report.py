@@ -26,6 +26,13 @@ def _style(ax, xlabel: str, ylabel: str) -> None:
     ax.spines[["top", "right"]].set_visible(False)
 
 
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_id(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=150)
     for name, results, arrays in runs:
@@ -37,10 +44,7 @@ def plot_id(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
     _style(ax, "relative depth", f"intrinsic dimension ({runs[0][1]['id_estimator']})")
     ax.set_title("ID profile (star: selected layer)", fontsize=10)
     ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path | None:
@@ -64,10 +68,7 @@ def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path 
     ax.set_title("semantic content per layer (dashed: ID-selected layer)", fontsize=10)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=6, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_adjacent_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
@@ -79,10 +80,7 @@ def plot_adjacent_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Pa
     ax.set_ylim(0, 1.02)
     ax.set_title("neighbour overlap between consecutive layers", fontsize=10)
     ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_gride_scaling(run: Run, path: pathlib.Path) -> pathlib.Path:
@@ -98,10 +96,7 @@ def plot_gride_scaling(run: Run, path: pathlib.Path) -> pathlib.Path:
     fig.colorbar(sm, ax=ax, label="layer")
     _style(ax, "neighbour rank n2 (GRIDE, n1 = n2/2)", "intrinsic dimension")
     ax.set_title(f"{name}: scale dependence of the ID", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_figures(directory: pathlib.Path, runs: Sequence[Run], prefix: str = "") -> list[pathlib.Path]:
