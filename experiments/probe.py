@@ -39,13 +39,65 @@ def _codes(labels: np.ndarray, n: int) -> tuple[np.ndarray, int]:
     return codes, int(codes.max()) + 1 if n else 0
 
 
-def _check_reps(reps: np.ndarray | jax.Array) -> np.ndarray:
-    reps = np.asarray(reps, dtype=np.float32)
-    if reps.ndim != 3:
-        raise ValueError(f"reps must be [L+1, N, D] (layers, points, features); got shape {reps.shape}")
-    if not np.isfinite(reps).all():
-        raise ValueError("reps contains NaN/inf")
+class LayerRows(Sequence):
+    """Layers read one at a time: `layers[i][rows]` as float32, for representations too big to stack.
+
+    layers: L+1 arrays (N, D), e.g. the store's memory-mapped layer files; rows: indices into N (all
+    rows if None). Probing (L+1, 90k, 2560) this way holds one layer (or one chunk of layers), not 34 GB.
+    """
+
+    def __init__(self, layers: Sequence[np.ndarray], rows: np.ndarray | None = None):
+        self.layers, self.rows = layers, rows
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        layer = np.asarray(self.layers[i], np.float32)
+        return layer if self.rows is None else layer[self.rows]
+
+    def take_rows(self, rows: np.ndarray) -> LayerRows:
+        """The same layers restricted to `rows` (indices into this view's rows)."""
+        return LayerRows(self.layers, rows if self.rows is None else self.rows[rows])
+
+
+    @property
+    def layer_shape(self) -> tuple[int, int]:
+        """(rows, D) of each layer in this view, without reading one."""
+        n, dim = np.shape(self.layers[0])
+        return (n if self.rows is None else len(self.rows)), dim
+
+
+Reps = np.ndarray | jax.Array | Sequence[np.ndarray]
+
+
+def _as_layers(reps: Reps) -> Sequence[np.ndarray]:
+    """[L+1, N, D] reps (an array, or a sequence of (N, D) layers) as something indexed by layer, shapes checked."""
+    if isinstance(reps, LayerRows):
+        return reps
+    if isinstance(reps, list | tuple):
+        shapes = {np.shape(x) for x in reps}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"reps must be L+1 >= 1 layers of one (N, D) shape; got shapes {sorted(shapes)}")
+        return reps
+    if np.ndim(reps) != 3:
+        raise ValueError(f"reps must be [L+1, N, D] (layers, points, features); got shape {np.shape(reps)}")
     return reps
+
+
+def _layer(layers: Sequence[np.ndarray], i: int) -> np.ndarray:
+    """Layer i as float32, refused with its index if it holds NaN/inf."""
+    x = np.asarray(layers[i], np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"reps contains NaN/inf (layer {i})")
+    return x
+
+
+def _layer_shape(layers: Sequence[np.ndarray]) -> tuple[int, int]:
+    if isinstance(layers, LayerRows):
+        return layers.layer_shape
+    n, dim = np.shape(layers[0])
+    return int(n), int(dim)
 
 
 def split_indices(
@@ -143,7 +195,7 @@ def _fit_probes(
 
 
 def linear_probe_accuracy(
-    reps: np.ndarray | jax.Array,
+    reps: Reps,
     labels: np.ndarray,
     *,
     test_fraction: float = 0.25,
@@ -163,27 +215,31 @@ def linear_probe_accuracy(
     softmax cross-entropy + l2/2 * ||W||^2, all layers at once (vmap) in one jit-compiled loop.
 
     Args:
-      reps: float [L+1, N, D] pooled representations.
+      reps: float [L+1, N, D] pooled representations, or a sequence of L+1 (N, D) layers (e.g. `LayerRows`
+        over memory-mapped files), read a chunk of layers at a time.
       labels: [N] class labels (any hashable values).
       test_fraction, seed, stratify: the split (see `split_indices`); ignored if train_idx/test_idx given.
       steps, learning_rate, l2: the optimisation budget and ridge penalty.
       train_idx, test_idx: explicit split (int index arrays into N).
-      max_layers_per_batch: train this many layers at a time (bounds memory; default all).
+      max_layers_per_batch: train this many layers at a time (default: as many as fit in ~1 GiB).
 
     Returns:
       float64 [L+1] test accuracies in [0, 1].
     """
-    reps = _check_reps(reps)
-    codes, n_classes = _codes(labels, reps.shape[1])
+    layers = _as_layers(reps)
+    n, dim = _layer_shape(layers)
+    codes, n_classes = _codes(labels, n)
     if train_idx is None or test_idx is None:
         train_idx, test_idx = split_indices(codes, test_fraction=test_fraction, seed=seed, stratify=stratify)
-    xtr, xte = standardize(reps[:, train_idx], reps[:, test_idx])
-    chunk = max_layers_per_batch or reps.shape[0]
+    # Layers are trained a chunk at a time (vmapped within it); by default a chunk holds ~1 GiB of features.
+    chunk = max_layers_per_batch or max(1, 2**30 // max(1, 4 * n * dim))
     accs = []
-    for start in range(0, reps.shape[0], chunk):
-        sl = slice(start, start + chunk)
+    for start in range(0, len(layers), chunk):
+        stacked = np.stack([_layer(layers, i) for i in range(start, min(start + chunk, len(layers)))])
+        xtr, xte = standardize(stacked[:, train_idx], stacked[:, test_idx])
+        del stacked
         accs.append(np.asarray(_fit_probes(
-            jnp.asarray(xtr[sl]), jnp.asarray(codes[train_idx]), jnp.asarray(xte[sl]), jnp.asarray(codes[test_idx]),
+            jnp.asarray(xtr), jnp.asarray(codes[train_idx]), jnp.asarray(xte), jnp.asarray(codes[test_idx]),
             num_classes=max(n_classes, 2), steps=int(steps), learning_rate=float(learning_rate), l2=float(l2),
         )))
     return np.concatenate(accs).astype(np.float64)
@@ -289,7 +345,7 @@ def majority_vote(neighbor_labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def knn_accuracy(
-    reps: np.ndarray | jax.Array,
+    reps: Reps,
     labels: np.ndarray,
     k: int = 10,
     groups: np.ndarray | None = None,
@@ -304,7 +360,7 @@ def knn_accuracy(
     """Accuracy of a k-nearest-neighbour majority-vote classifier on every layer (Euclidean, exact).
 
     Args:
-      reps: float [L+1, N, D].
+      reps: float [L+1, N, D], or a sequence of L+1 (N, D) layers, read one at a time.
       labels: [N] class labels (e.g. SCOPe superfamilies).
       k: neighbours that vote.
       groups: optional [N] groups (e.g. SCOPe families): a training point in the query's group never
@@ -318,8 +374,8 @@ def knn_accuracy(
     Returns:
       float64 [L+1] accuracies in [0, 1].
     """
-    reps = _check_reps(reps)
-    n = reps.shape[1]
+    layers = _as_layers(reps)
+    n, _ = _layer_shape(layers)
     codes, n_classes = _codes(labels, n)
     groups = None if groups is None else np.asarray(groups)
     if groups is not None and groups.shape != (n,):
@@ -328,8 +384,8 @@ def knn_accuracy(
     if not loo and (train_idx is None or test_idx is None):
         train_idx, test_idx = split_indices(codes, test_fraction=test_fraction, seed=seed, stratify=stratify)
     accs = []
-    for layer in range(reps.shape[0]):
-        x = reps[layer]
+    for layer in range(len(layers)):
+        x = _layer(layers, layer)
         if loo:
             xq = x if not standardize_features else standardize(x[None], x[None])[0][0]
             idx = neighbors_excluding_groups(xq, k, groups)
@@ -365,12 +421,12 @@ def label_overlap_excluding(
 
 
 def label_overlap_per_layer(
-    reps: np.ndarray | jax.Array, labels: np.ndarray, k: int, groups: np.ndarray | None = None,
-    *, weighted: bool = False,
+    reps: Reps, labels: np.ndarray, k: int, groups: np.ndarray | None = None, *, weighted: bool = False,
 ) -> np.ndarray:
-    """`label_overlap_excluding` on every layer of float [L+1, N, D] -> float64 [L+1]."""
-    reps = _check_reps(reps)
-    return np.asarray([label_overlap_excluding(r, labels, k, groups, weighted=weighted) for r in reps])
+    """`label_overlap_excluding` on every layer of float [L+1, N, D] (or L+1 (N, D) layers) -> float64 [L+1]."""
+    layers = _as_layers(reps)
+    return np.asarray([label_overlap_excluding(_layer(layers, i), labels, k, groups, weighted=weighted)
+                       for i in range(len(layers))])
 
 
 def remote_homology_subset(

@@ -182,24 +182,24 @@ def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collection
     """
     from experiments import probe
 
-    stacked = np.stack([np.asarray(x, np.float32)[keep] for x in reps.layers])
+    layers = probe.LayerRows(reps.layers, keep)  # one layer in memory at a time, not all of them
     labels = np.asarray(reps.labels)[keep]
     groups = reps.manifest["metadata"].get("groups")
     groups = None if groups is None or not cfg.remote_homology else np.asarray(groups)[keep]
     out = {}
     if cfg.linear:
         out["linear_probe_accuracy"] = probe.linear_probe_accuracy(
-            stacked, labels, steps=cfg.steps, seed=cfg.seed, test_fraction=cfg.test_fraction).tolist()
+            layers, labels, steps=cfg.steps, seed=cfg.seed, test_fraction=cfg.test_fraction).tolist()
     if groups is not None:
         subset = probe.remote_homology_subset(labels, groups)
         if len(subset) < cfg.knn_k + 2:
             raise ValueError(f"only {len(subset)} points have a superfamily spanning two families; "
                              "remote-homology probing needs more (lower data.min_class_size or add data)")
-        stacked, labels, groups = stacked[:, subset], labels[subset], groups[subset]
+        layers, labels, groups = layers.take_rows(subset), labels[subset], groups[subset]
         out["remote_homology_points"] = int(len(subset))
-        overlap = probe.label_overlap_per_layer(stacked, labels, overlap_k, groups)
+        overlap = probe.label_overlap_per_layer(layers, labels, overlap_k, groups)
         out["remote_homology_label_overlap"] = overlap.tolist()
-    out["knn_accuracy"] = probe.knn_accuracy(stacked, labels, k=cfg.knn_k, groups=groups, test_fraction=None).tolist()
+    out["knn_accuracy"] = probe.knn_accuracy(layers, labels, k=cfg.knn_k, groups=groups, test_fraction=None).tolist()
     out["knn_k"] = cfg.knn_k
     out["remote_homology"] = groups is not None
     key = "linear_probe_accuracy" if cfg.linear else "knn_accuracy"

@@ -41,6 +41,32 @@ def test_knn_accuracy_signal_and_chance():
     assert loo[2] > 0.97 and loo[0] < 0.4
 
 
+def test_probes_read_layer_by_layer_with_the_same_results(tmp_path):
+    reps, labels = _layers()
+    files = []
+    for i, layer in enumerate(reps):
+        np.save(tmp_path / f"layer_{i}.npy", layer)
+        files.append(np.load(tmp_path / f"layer_{i}.npy", mmap_mode="r"))
+    rows = np.arange(0, len(labels), 2)  # a row subset, as the profile's kept points
+    view = probe.LayerRows(files, rows)
+    assert view.layer_shape == (len(rows), reps.shape[2])
+    np.testing.assert_array_equal(probe.linear_probe_accuracy(view, labels[rows], steps=50, max_layers_per_batch=1),
+                                  probe.linear_probe_accuracy(reps[:, rows], labels[rows], steps=50))
+    np.testing.assert_array_equal(probe.knn_accuracy(view, labels[rows], k=5, test_fraction=None),
+                                  probe.knn_accuracy(reps[:, rows], labels[rows], k=5, test_fraction=None))
+    sub = np.arange(0, len(rows), 3)
+    np.testing.assert_array_equal(probe.label_overlap_per_layer(view.take_rows(sub), labels[rows][sub], 5),
+                                  probe.label_overlap_per_layer(reps[:, rows[sub]], labels[rows][sub], 5))
+    bad = reps.copy()
+    bad[1, 7, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf \\(layer 1\\)"):
+        probe.knn_accuracy(list(bad), labels, k=5)
+    with pytest.raises(ValueError, match="one \\(N, D\\) shape"):
+        probe.knn_accuracy([reps[0], reps[1][:-1]], labels, k=5)
+    with pytest.raises(ValueError, match=r"\[L\+1, N, D\]"):
+        probe.knn_accuracy(reps[0], labels, k=5)
+
+
 def test_split_is_seeded_stratified_and_disjoint():
     labels = np.repeat(np.arange(5), [40, 30, 20, 10, 2])
     tr, te = probe.split_indices(labels, test_fraction=0.25, seed=7)
