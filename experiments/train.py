@@ -366,22 +366,11 @@ def build_model(mcfg) -> Any:
     return esm2.ESM2(mcfg) if isinstance(mcfg, esm2.ESM2Config) else igpt.IGPT(mcfg)
 
 
-@functools.lru_cache(maxsize=8)
-def _init_fn(mcfg) -> Callable[[jax.Array], Any]:
-    """jit-compiled key -> float32 params, cached per config (op-by-op init of even a tiny model takes
-    seconds on CPU)."""
-    if isinstance(mcfg, esm2.ESM2Config):
-        model, length = esm2.ESM2(mcfg.replace(dtype="float32")), 8
-    else:
-        model, length = igpt.IGPT(dataclasses.replace(mcfg, dtype="float32")), min(8, mcfg.n_positions)
-    # numpy, not jnp: this function is cached and may first run under a trace (load_trained's eval_shape).
-    tokens = np.zeros((1, length), np.int32)
-    return jax.jit(lambda key: model.init(key, tokens)["params"])
-
-
 def init_params(mcfg, seed: int) -> Any:
     """float32 params (inner dict) from `seed`, with the models' own initializers."""
-    return _init_fn(mcfg)(jax.random.key(seed))
+    if isinstance(mcfg, esm2.ESM2Config):
+        return esm2.init_params(mcfg, seed)
+    return igpt.init_params(mcfg, seed)
 
 
 def make_loss_fns(mcfg, tc: ml_collections.ConfigDict) -> tuple[Callable, Callable]:

@@ -359,12 +359,13 @@ class ESM2(nn.Module):
 
 def init_params(config: ESM2Config, seed: int = 0) -> dict:
     """Random float32 params (the inner `params` dict), flax's default initializers."""
-    return _init_fn(config.replace(dtype="float32"))(jax.random.PRNGKey(seed))
+    return _init_fn(config.replace(dtype="float32"))(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=8)
 def _init_fn(config: ESM2Config):
-    # jit: op-by-op initialisation takes seconds even for a tiny model on CPU.
+    # jit: op-by-op initialisation takes seconds even for a tiny model on CPU. numpy tokens, not jnp:
+    # this cached function may first be built under a trace and must not capture a tracer.
     tokens = np.zeros((1, 8), np.int32)
     return jax.jit(lambda key: ESM2(config).init(key, tokens)["params"])
 

@@ -306,11 +306,17 @@ def _as_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     return params["params"] if "params" in params else params
 
 
-def init_params(config: IGPTConfig, rng: jax.Array | int = 0) -> dict:
-    """Random GPT-2-style params tree (without the 'params' wrapper)."""
-    rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    tokens = jnp.zeros((1, min(8, config.n_positions)), jnp.int32)
-    return jax.jit(IGPT(config).init)(rng, tokens)["params"]  # one compile beats op-by-op dispatch
+def init_params(config: IGPTConfig, seed: int = 0) -> dict:
+    """Random float32 GPT-2-style params (the inner `params` dict), the model's own initializers."""
+    return _init_fn(dataclasses.replace(config, dtype="float32"))(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(config: IGPTConfig):
+    # jit: one compile beats op-by-op initialisation. numpy tokens, not jnp: this cached function may
+    # first be built under a trace (e.g. eval_shape of a training state) and must not capture a tracer.
+    tokens = np.zeros((1, min(8, config.n_positions)), np.int32)
+    return jax.jit(lambda key: IGPT(config).init(key, tokens)["params"])
 
 
 def param_shapes(config: IGPTConfig) -> dict:
