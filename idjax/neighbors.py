@@ -25,6 +25,8 @@ DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 EXTRA_CANDIDATES = 8
 # Columns per group in the two-stage exact selection (see `_smallest_columns`).
 GROUP_SIZE = 32
+# Gathered candidate rows per exact re-ranking step on CPU (see `rerank_rows`).
+RERANK_CHUNK_BYTES = 8 * 2**20
 
 
 class Neighbors(NamedTuple):
@@ -112,16 +114,38 @@ def _smallest_columns(d2: jax.Array, count: int, group_size: int = GROUP_SIZE) -
     if n % group_size:  # callers that can, pad the GEMM instead: this pad copies the whole block
         d2 = jnp.pad(d2, ((0, 0), (0, n_groups * group_size - n)), constant_values=jnp.inf)
     groups = d2.reshape(b, n_groups, group_size)
-    _, best_groups = jax.lax.top_k(-groups.min(axis=-1), count)
+    group_min = groups.min(axis=-1)
+    _, best_groups = jax.lax.top_k(-group_min, count)
     best_groups = jnp.sort(best_groups, axis=-1)  # ascending columns, so ties keep the lower index
     candidates = jnp.take_along_axis(groups, best_groups[:, :, None], axis=1).reshape(b, -1)
+    # The chosen groups' minima are `count` entries <= the largest of them, so no entry above it can
+    # be selected: hiding those (all but a few beyond `count`) halves the cost of the heap-based CPU
+    # top_k, with the same result. (The bound is recomputed from the minima rather than taken from
+    # top_k's values: using those makes XLA's CPU top_k several times slower.)
+    bound = jnp.take_along_axis(group_min, best_groups, axis=1).max(axis=1, keepdims=True)
+    candidates = jnp.where(candidates <= bound, candidates, jnp.inf)
     _, position = jax.lax.top_k(-candidates, count)
     return jnp.take_along_axis(best_groups, position // group_size, axis=1) * group_size + position % group_size
 
 
-@functools.partial(jax.jit, static_argnames=("k", "k_search", "block_size", "exclude_self"))
+def _exact_sq_distances(q: jax.Array, ref: jax.Array, candidates: jax.Array) -> jax.Array:
+    """sum((q - ref[c])^2) over features for each candidate c of one query: (D,), (N, D), (c,) -> (c,)."""
+    diff = q[None, :] - ref[candidates]
+    return jnp.sum(diff * diff, axis=-1)
+
+
+def rerank_rows(n_candidates: int, dim: int, itemsize: int, platform: str | None = None) -> int:
+    """Query rows re-ranked at a time. On CPU, as many as keep the gathered candidate rows within
+    RERANK_CHUNK_BYTES (cache-sized: 5x faster than gathering a whole block at once, same values);
+    on accelerators the whole block at once (0), where one wide gather is what the hardware wants."""
+    if (platform or jax.default_backend()) != "cpu":
+        return 0
+    return max(1, RERANK_CHUNK_BYTES // (n_candidates * dim * itemsize))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "k_search", "block_size", "exclude_self", "rerank_rows"))
 def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, block_size: int,
-                exclude_self: bool) -> tuple[jax.Array, jax.Array]:
+                exclude_self: bool, rerank_rows: int) -> tuple[jax.Array, jax.Array]:
     n_query, dim = queries.shape
     n_ref = ref.shape[0]
     n_blocks = -(-n_query // block_size)
@@ -159,8 +183,11 @@ def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, bl
         # Exact re-ranking of every candidate by differences of the original coordinates: the GEMM
         # form cancels for close pairs, and exact distances make ties (and results across the
         # single-device and sharded paths) deterministic.
-        diff = q[:, None, :] - ref[candidates]
-        d2 = jnp.sum(diff * diff, axis=-1)
+        if 0 < rerank_rows < block_size:
+            d2 = jax.lax.map(lambda qc: _exact_sq_distances(qc[0], ref, qc[1]), (q, candidates),
+                             batch_size=rerank_rows)
+        else:
+            d2 = jax.vmap(_exact_sq_distances, in_axes=(0, None, 0))(q, ref, candidates)
         if exclude_self:
             d2 = jnp.where(candidates == rows[:, None], jnp.inf, d2)
         # Sort by (distance, index) so ties resolve to the lower index, deterministically.
@@ -208,8 +235,10 @@ def knn(
         block_size = plan_knn(ref.shape[0], ref.shape[1], k, itemsize=dtype.itemsize,
                               memory_budget_bytes=memory_budget_bytes).block_size
     block_size = int(min(block_size, max(8, math.ceil(x.shape[0] / 8) * 8)))
+    n_candidates = k_search + (1 if y is None else 0)
     dist, idx = _knn_blocks(x, ref, k=int(k), k_search=int(k_search), block_size=block_size,
-                            exclude_self=y is None)
+                            exclude_self=y is None,
+                            rerank_rows=rerank_rows(n_candidates, ref.shape[1], dtype.itemsize))
     return Neighbors(dist, idx)
 
 

@@ -204,6 +204,9 @@ def _ring_kernel(x_local, id_local, *, axis_name: str, n_dev: int, k: int, k_sea
             d2 = q_sq[:, None] + key_sq[None, :] - 2.0 * dots
             # Padding keys (id -1) and self (same global id) never count: by index, not by position.
             d2 = jnp.where((key_ids[None, :] < 0) | (key_ids[None, :] == qid[:, None]), jnp.inf, d2)
+            # Nothing above the running list's last entry can enter it (an equal one loses the tie to
+            # the earlier position); hiding those entries makes the heap-based CPU top_k much cheaper.
+            d2 = jnp.where(d2 <= cur_d[:, -1:], d2, jnp.inf)
             both = jnp.concatenate([cur_d, d2], axis=1)
             _, sel = jax.lax.top_k(-both, k_search)
             new_d = jnp.take_along_axis(both, sel, axis=1)

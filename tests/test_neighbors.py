@@ -41,6 +41,25 @@ def test_knn_matches_brute_force(n, dim, k_frac, seed, block):
         np.testing.assert_allclose(np.asarray(dist)[mismatch], ref_d[mismatch], rtol=1e-5)
 
 
+def test_chunked_exact_reranking_equals_one_gather(monkeypatch):
+    """The CPU re-ranking in cache-sized row chunks (with a remainder chunk) gives the same neighbours;
+    distances agree to float32 rounding (XLA may order the feature sum differently per shape)."""
+    from idjax import neighbors
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(203, 24)).astype(np.float32)
+    assert neighbors.rerank_rows(18, 24, 4) >= 96  # the default: one gather per 96-row block here
+    whole = idjax.knn(x, 9, block_size=96)
+    monkeypatch.setattr(neighbors, "RERANK_CHUNK_BYTES", 7 * 18 * 24 * 4)  # 7 rows at a time
+    assert neighbors.rerank_rows(18, 24, 4) == 7
+    chunked = idjax.knn(x, 9, block_size=96)
+    np.testing.assert_array_equal(np.asarray(chunked.indices), np.asarray(whole.indices))
+    np.testing.assert_allclose(np.asarray(chunked.distances), np.asarray(whole.distances), rtol=1e-6, atol=0)
+    ref_d, ref_i = brute_force(x, 9)
+    np.testing.assert_array_equal(np.asarray(chunked.indices), ref_i)
+    assert neighbors.rerank_rows(18, 24, 4, platform="gpu") == 0  # accelerators: one wide gather
+
+
 def test_knn_shapes_dtypes_and_query_mode():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(50, 4)).astype(np.float32)
@@ -143,10 +162,13 @@ def test_smallest_columns_is_exact():
     rng = np.random.default_rng(6)
     d2 = rng.random((20, 3001)).astype(np.float32)
     d2[:, 100:140] = 0.5  # a block of ties
-    for count in (1, 9, 72):
-        got = np.asarray(_smallest_columns(jax.numpy.asarray(d2), count))
-        want = np.argsort(d2, axis=1, kind="stable")[:, :count]
-        np.testing.assert_array_equal(got, want)
+    # Integer values: ties everywhere, including at the group-minimum bound that hides candidates.
+    ties = rng.integers(0, 40, size=(20, 3001)).astype(np.float32)
+    for values in (d2, ties):
+        for count in (1, 9, 72):
+            got = np.asarray(_smallest_columns(jax.numpy.asarray(values), count))
+            want = np.argsort(values, axis=1, kind="stable")[:, :count]
+            np.testing.assert_array_equal(got, want)
 
 
 def test_memory_plan_bounds_the_block_and_says_what_fits():
