@@ -23,7 +23,7 @@ from idjax import validation
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # Candidates beyond k re-ranked exactly, so near-ties at the k boundary are decided by exact distances.
 EXTRA_CANDIDATES = 8
-# Columns per group in the two-stage exact selection (see `_smallest_columns`).
+# Columns per group in the two-stage exact selection (see `smallest_columns`).
 GROUP_SIZE = 32
 # Gathered candidate rows per exact re-ranking step on CPU (see `rerank_rows`).
 RERANK_CHUNK_BYTES = 8 * 2**20
@@ -97,7 +97,7 @@ def plan_knn(n: int, dim: int, k: int, *, devices: int = 1, memory_bytes: int | 
     return KnnPlan(block, int(fixed + block * per_row), devices)
 
 
-def _smallest_columns(d2: jax.Array, count: int, group_size: int = GROUP_SIZE) -> jax.Array:
+def smallest_columns(d2: jax.Array, count: int, group_size: int = GROUP_SIZE) -> jax.Array:
     """Column indices of the `count` smallest entries of each row of d2 (b, n), exactly.
 
     Two stages instead of one top_k over all n columns (the bottleneck on CPU): split each row into
@@ -179,7 +179,7 @@ def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, bl
         rows = start + jnp.arange(block_size, dtype=jnp.int32)
         # The point itself has the smallest key (distance 0), so one extra candidate makes room for it;
         # it is excluded below by index, never by position: duplicates of a point are real neighbours.
-        candidates = _smallest_columns(keys, n_candidates)
+        candidates = smallest_columns(keys, n_candidates)
         # Exact re-ranking of every candidate by differences of the original coordinates: the GEMM
         # form cancels for close pairs, and exact distances make ties (and results across the
         # single-device and sharded paths) deterministic.

@@ -6,7 +6,8 @@ a global-index vector that travels with them). The key blocks go around the ring
 overlap it):
   1. screening: at each visit a device computes the GEMM form ||q||^2 + ||r||^2 - 2 q.r of its
      queries against the block, tile by tile, and merges it into a running top-(k + EXTRA_CANDIDATES)
-     list with one `lax.top_k` over [running, tile];
+     list with one `lax.top_k` over [running, tile] (a wide tile first selects its own best with
+     `idjax.neighbors.smallest_columns`; entries above the running list's last are hidden);
   2. exact re-ranking: the candidates are bucketed by the device that owns their rows (one integer
      sort) and, when that block visits, get the exact difference form sum((q - r)^2), chunk by chunk,
      so every candidate row is gathered once; a last top_k orders them by (distance, global index).
@@ -51,7 +52,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from idjax import validation
-from idjax.neighbors import DEFAULT_MEMORY_BUDGET_BYTES, EXTRA_CANDIDATES, Neighbors, compute_dtype
+from idjax.neighbors import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    EXTRA_CANDIDATES,
+    GROUP_SIZE,
+    Neighbors,
+    compute_dtype,
+    smallest_columns,
+)
+
+# Tiles at least this many times GROUP_SIZE * (k + EXTRA_CANDIDATES) columns wide select their own best
+# candidates before merging; narrower ones merge directly (the grouped selection would not pay off).
+WIDE_TILE_GROUPS = 8
 
 
 class ShardedRows(NamedTuple):
@@ -207,11 +219,21 @@ def _ring_kernel(x_local, id_local, *, axis_name: str, n_dev: int, k: int, k_sea
             # Nothing above the running list's last entry can enter it (an equal one loses the tie to
             # the earlier position); hiding those entries makes the heap-based CPU top_k much cheaper.
             d2 = jnp.where(d2 <= cur_d[:, -1:], d2, jnp.inf)
+            if d2.shape[1] >= WIDE_TILE_GROUPS * GROUP_SIZE * k_search:
+                # A wide tile first gives up its own best k_search (grouped exact selection, ties to the
+                # lower column), so the merge below is one small top_k.
+                tile_cols = smallest_columns(d2, k_search)
+                d2 = jnp.take_along_axis(d2, tile_cols, axis=1)
+            else:
+                tile_cols = None
             both = jnp.concatenate([cur_d, d2], axis=1)
             _, sel = jax.lax.top_k(-both, k_search)
             new_d = jnp.take_along_axis(both, sel, axis=1)
             kept = jnp.take_along_axis(cur_p, jnp.minimum(sel, k_search - 1), axis=1)
-            new_p = jnp.where(sel < k_search, kept, base + sel - k_search)
+            from_tile = jnp.maximum(sel - k_search, 0)
+            if tile_cols is not None:
+                from_tile = jnp.take_along_axis(tile_cols, jnp.minimum(from_tile, k_search - 1), axis=1)
+            new_p = jnp.where(sel < k_search, kept, base + from_tile)
             updated = [jnp.where(use_lo, new_d, old[0]), jnp.where(use_lo, new_p, old[1]),
                        jnp.where(use_lo, old[2], new_d), jnp.where(use_lo, old[3], new_p)]
             return tuple(jax.lax.dynamic_update_slice_in_dim(a, u, start, axis=0) for a, u in zip(lists, updated,

@@ -156,8 +156,8 @@ def test_grouped_selection_path_with_many_ties(k):
     np.testing.assert_array_equal(np.asarray(idx), ref_i)
 
 
-def test_smallest_columns_is_exact():
-    from idjax.neighbors import _smallest_columns
+def testsmallest_columns_is_exact():
+    from idjax.neighbors import smallest_columns
 
     rng = np.random.default_rng(6)
     d2 = rng.random((20, 3001)).astype(np.float32)
@@ -166,7 +166,7 @@ def test_smallest_columns_is_exact():
     ties = rng.integers(0, 40, size=(20, 3001)).astype(np.float32)
     for values in (d2, ties):
         for count in (1, 9, 72):
-            got = np.asarray(_smallest_columns(jax.numpy.asarray(values), count))
+            got = np.asarray(smallest_columns(jax.numpy.asarray(values), count))
             want = np.argsort(values, axis=1, kind="stable")[:, :count]
             np.testing.assert_array_equal(got, want)
 

@@ -171,6 +171,16 @@ def test_one_device_mesh_and_estimators_accept_outputs():
     assert dist.dtype == np.float32
 
 
+def test_wide_tiles_select_their_own_candidates_first(monkeypatch):
+    """A tile at least WIDE_TILE_GROUPS * 32 * (k + 8) columns wide is pre-selected before the merge:
+    same neighbours as idjax.knn, with exact ties (integer data) still going to the lower index."""
+    monkeypatch.setattr(sharded, "WIDE_TILE_GROUPS", 1)  # 32 * 13 = 416 columns suffice for k = 5
+    rng = np.random.default_rng(12)
+    for x in (rng.normal(size=(613, 8)).astype(np.float32), rng.integers(-2, 3, size=(617, 6)).astype(np.float32)):
+        nbrs = sharded.knn_sharded(x, 5, block_size=128)
+        _assert_same(np.asarray(nbrs.distances), np.asarray(nbrs.indices), idjax.knn(x, 5), "wide tiles")
+
+
 def test_checks_and_memory_plan():
     x = np.random.default_rng(4).normal(size=(20, 3)).astype(np.float32)
     with pytest.raises(ValueError, match="need N > k"):
