@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -520,6 +521,13 @@ def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
                 f"{workdir} holds a run with a different config.{section}: saved {saved.get(section)} vs "
                 f"now {now.get(section)}; use a fresh workdir"
             )
+    saved_train, now_train = saved.get("train") or {}, now.get("train") or {}
+    changed = sorted(key for key in saved_train.keys() | now_train.keys() if saved_train.get(key) != now_train.get(key))
+    if changed:
+        # Allowed (e.g. training longer), but e.g. a new `steps` reshapes the cosine schedule from the
+        # resumed step on, so the run matches neither config run uninterrupted.
+        logging.warning("resuming %s with changed config.train: %s", workdir,
+                        ", ".join(f"{key} {saved_train.get(key)} -> {now_train.get(key)}" for key in changed))
 
 
 # ---------------------------------------------------------------------------------------------------

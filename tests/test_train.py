@@ -193,6 +193,23 @@ def test_masking_statistics():
     assert ((sel_in[replaced] >= 4) & (sel_in[replaced] < 24)).all()  # the 20 standard amino acids
 
 
+def test_resume_refuses_another_model_and_warns_on_changed_training(tmp_path, caplog):
+    config = train_igpt_tiny.get_config()
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    with caplog.at_level("WARNING"):
+        train._check_resume_config(tmp_path, config)  # same config: silent
+    assert not caplog.records
+    longer = train_igpt_tiny.get_config()
+    longer.train.steps = config.train.steps * 2
+    with caplog.at_level("WARNING"):
+        train._check_resume_config(tmp_path, longer)
+    assert f"steps {config.train.steps} -> {2 * config.train.steps}" in caplog.text
+    other = train_igpt_tiny.get_config()
+    other.seed = config.seed + 1
+    with pytest.raises(ValueError, match="different config.seed"):
+        train._check_resume_config(tmp_path, other)
+
+
 def test_schedule_warmup_and_cosine():
     tc = _igpt_config().train
     tc.warmup_steps, tc.learning_rate, tc.end_lr_fraction = 10, 1e-3, 0.1
