@@ -136,8 +136,9 @@ def _exact_sq_distances(q: jax.Array, ref: jax.Array, candidates: jax.Array) -> 
 
 def rerank_rows(n_candidates: int, dim: int, itemsize: int, platform: str | None = None) -> int:
     """Query rows re-ranked at a time. On CPU, as many as keep the gathered candidate rows within
-    RERANK_CHUNK_BYTES (cache-sized: 5x faster than gathering a whole block at once, same values);
-    on accelerators the whole block at once (0), where one wide gather is what the hardware wants."""
+    RERANK_CHUNK_BYTES (cache-sized: 5x faster than gathering a whole block at once, same neighbours);
+    on accelerators the whole block at once (0), where one wide gather is what the hardware wants.
+    `platform` defaults to JAX's default backend."""
     if (platform or jax.default_backend()) != "cpu":
         return 0
     return max(1, RERANK_CHUNK_BYTES // (n_candidates * dim * itemsize))
@@ -238,7 +239,8 @@ def knn(
     n_candidates = k_search + (1 if y is None else 0)
     dist, idx = _knn_blocks(x, ref, k=int(k), k_search=int(k_search), block_size=block_size,
                             exclude_self=y is None,
-                            rerank_rows=rerank_rows(n_candidates, ref.shape[1], dtype.itemsize))
+                            rerank_rows=rerank_rows(n_candidates, ref.shape[1], dtype.itemsize,
+                                                    platform=next(iter(ref.devices())).platform))
     return Neighbors(dist, idx)
 
 
