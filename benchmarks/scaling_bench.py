@@ -1,6 +1,6 @@
 """How exact kNN time and memory grow with N, and with the number of devices (idjax.knn, idjax.sharded).
 
-    .venv/bin/python benchmarks/scaling_bench.py [--d 128] [--k 64] [--sizes 5000,10000,20000,40000,80000]
+    .venv/bin/python benchmarks/scaling_bench.py [--d 128] [--k 64] [--sizes 2000,5000,10000,20000,40000,80000]
                                                  [--devices 1,2,4,8] [--device-n 20000] [--repeats 1]
 
 Table 1: single-device `idjax.knn` for each N. Table 2: `idjax.sharded.knn_sharded` at a fixed N on
@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--sizes", default="5000,10000,20000,40000,80000")
+    parser.add_argument("--sizes", default="2000,5000,10000,20000,40000,80000")
     parser.add_argument("--devices", default="1,2,4,8")
     parser.add_argument("--device-n", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=1)
