@@ -60,7 +60,6 @@ class LayerRows(Sequence):
         """The same layers restricted to `rows` (indices into this view's rows)."""
         return LayerRows(self.layers, rows if self.rows is None else self.rows[rows])
 
-
     @property
     def layer_shape(self) -> tuple[int, int]:
         """(rows, D) of each layer in this view, without reading one."""

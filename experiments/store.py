@@ -104,11 +104,11 @@ def finalize(directory: pathlib.Path, n_examples: int, *, labels: np.ndarray | N
             raise StoreError(f"batch {b} has shape {reps.shape}, batch 0 has ({n_layers}, *, {dim})")
         for layer, out in enumerate(outputs):
             out[rows] = reps[layer]
-    for out, tmp, name in zip(outputs, tmp_paths, names, strict=True):
+    for out in outputs:
         out.flush()
-        del out
+    del outputs  # closes the memory maps before their files are renamed into place
+    for tmp, name in zip(tmp_paths, names, strict=True):
         os.replace(tmp, directory / name)
-    outputs.clear()
     files = {name: [n_examples, int(dim)] for name in names}
     if labels is not None:
         atomic_save_npy(directory / "labels.npy", np.asarray(labels))

@@ -156,7 +156,7 @@ def test_grouped_selection_path_with_many_ties(k):
     np.testing.assert_array_equal(np.asarray(idx), ref_i)
 
 
-def testsmallest_columns_is_exact():
+def test_smallest_columns_is_exact():
     from idjax.neighbors import smallest_columns
 
     rng = np.random.default_rng(6)
