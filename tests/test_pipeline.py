@@ -11,6 +11,7 @@ from configs import base
 from experiments import extract, profile, store
 from experiments.synthetic import manifold
 from idjax.selection import select_layer
+from tests.neighbour_checks import assert_same_neighbours
 
 
 def tiny_igpt_config(n_examples: int = 240):
@@ -143,8 +144,9 @@ def test_sharded_and_single_device_graphs_agree_in_the_profile():
     x = manifold("sphere", 400, 3, 8)
     single = profile.knn_graph(x, 10, "never")
     ring = profile.knn_graph(x, 10, "always")  # a one-device mesh here; 8 devices in test_sharded.py
-    np.testing.assert_array_equal(single[1], ring[1])
-    np.testing.assert_array_equal(single[0], ring[0])
+    # Two code paths: XLA may order the feature sums differently per shape, so distances agree to float32
+    # rounding and neighbours may swap only where they tie within it.
+    assert_same_neighbours(ring[0], ring[1], single[0], single[1], rtol=1e-6, what="ring vs single device")
     with pytest.raises(ValueError, match="auto, always or never"):
         profile.knn_graph(x, 10, "sometimes")
 

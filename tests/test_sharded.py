@@ -19,6 +19,7 @@ import pytest
 
 import idjax
 from idjax import sharded
+from tests.neighbour_checks import assert_same_neighbours
 
 WORKER = pathlib.Path(__file__).with_name("sharded_worker.py")
 REPO = WORKER.parents[1]
@@ -60,8 +61,9 @@ def _run(args: list[str], devices: int, what: str) -> None:
 def _assert_same(dist, idx, ref: idjax.Neighbors, what: str) -> None:
     ref_d, ref_i = np.asarray(ref.distances), np.asarray(ref.indices)
     assert dist.dtype == ref_d.dtype and idx.dtype == np.int32, what
-    np.testing.assert_array_equal(idx, ref_i, err_msg=what)
-    np.testing.assert_allclose(dist, ref_d, rtol=1e-6, atol=0, err_msg=what)
+    # Same neighbours; distances to float32 rounding (XLA's summation order may differ per tile shape),
+    # so only neighbours tied within it may swap.
+    assert_same_neighbours(dist, idx, ref_d, ref_i, rtol=1e-6, what=what)
 
 
 def _assert_estimates(results, prefix: str, dist, idx, other_idx, labels) -> None:
