@@ -147,8 +147,8 @@ ALTERATIONS = {
     # A changed input: X2's noise amplitude 0.02 -> 0.0201.
     "x2_noise": ("0.02 * _noise(rng, (400, 10))", "0.0201 * _noise(rng, (400, 10))", {"X2", "X2_twonn_ml"}),
     # A changed call: the unweighted label overlap at k - 1 neighbours.
-    "overlap_k": ("return_label_overlap(labels, k=k, weighted=False)",
-                  "return_label_overlap(labels, k=k - 1, weighted=False)", {"X1_label_overlap_k30_unweighted"}),
+    "overlap_k": ("d1.return_label_overlap(labels, k=k, weighted=False)",
+                  "d1.return_label_overlap(labels, k=k - 1, weighted=False)", {"X1_label_overlap_k30_unweighted"}),
 }
 
 
