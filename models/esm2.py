@@ -1,6 +1,6 @@
 """ESM-2 in Flax linen, numerically equal to HF `EsmForMaskedLM` and fair-esm `ESM2` in float32.
 
-Architecture (read from both references; DESIGN.md "Models"):
+Architecture (read from both references, HF `EsmModel` and fair-esm `ESM2`):
   tokens -> embed (no positional table) -> token dropout (also at inference: <mask> rows zeroed,
   every sequence scaled by 0.88 / (1 - n_mask / n_nonpad)) -> pad rows zeroed
   -> L pre-LN blocks: x += out(MHA(LN(x))) with rotary q/k; x += fc2(gelu_erf(fc1(LN(x))))
