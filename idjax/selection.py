@@ -21,12 +21,14 @@ or unknown (None counts as 0).
 2. **Minimum** (branch ``relative_minimum``). The first layer m after the peak that is a local minimum
    (<= both neighbours, so never the last layer), with a significant drop into it from the highest
    layer between the peak and m, and a significant rise out of it to the highest layer after m before
-   the profile first falls below ID[m]. Insignificant dips on the way down are passed over; among
-   layers within the valley the lowest one is the minimum.
+   the profile first falls below ID[m]. Insignificant dips on the way down are passed over. When the
+   valley has a floor (layers just before m that do not differ significantly from ID[m]), the selected
+   layer is the floor's first layer: those layers are indistinguishable from the minimum, and the
+   first of them is where the representation reaches it (the same choice as the plateau start).
 3. **Plateau start** (branch ``plateau_start``). Without such a minimum, when the profile falls to a low
-   plateau and stays there (as protein language models do): the first layer m after the peak from
-   which the remaining layers (at least `min_plateau` of them) differ pairwise by no significant rise
-   in either direction, and which lies a significant drop below the peak.
+   plateau and stays there (as protein language models do): the first layer m after the peak such that
+   no later layer differs significantly from it (|ID[j] - ID[m]| within the rise threshold), with at
+   least `min_plateau` layers from m to the end, and a significant drop from the peak to the plateau.
 4. Otherwise no layer is selected (``selected=None``) and the branch says why:
    ``no_significant_minimum`` (a peak, then a fall to the last layer without a minimum or plateau),
    ``no_significant_peak`` (e.g. an ID that only rises) or ``flat`` (no two layers differ significantly).
@@ -140,11 +142,14 @@ def select_layer(ids, errors=None, *, z: float = 2.0, min_drop: float = 0.1, min
         after = run_while(m + 1, 1, lambda v, m=m: v >= ids[m])
         top_after = max(after, key=ids.__getitem__)
         if drops(top_before, m) and rises(m, top_after):
-            return LayerChoice(peak, m, RELATIVE_MINIMUM,
-                               f"layer {m}: the first significant relative minimum after {where}")
+            floor = m
+            while floor - 1 > peak and not differ(floor - 1, m):
+                floor -= 1
+            detail = f" (the valley floor's first layer; lowest layer {m})" if floor < m else ""
+            return LayerChoice(peak, floor, RELATIVE_MINIMUM,
+                               f"layer {floor}: the first significant relative minimum{detail} after {where}")
     for m in range(peak + 1, n - min_plateau + 1):
-        tail = range(m, n)
-        if flat(tail):
+        if not any(differ(m, j) for j in range(m + 1, n)):
             if drops(peak, m + int(np.argmin(ids[m:]))):
                 return LayerChoice(peak, m, PLATEAU_START,
                                    f"layer {m}: the start of the low plateau ({n - m} layers) after {where}")
