@@ -13,7 +13,7 @@ Every candidate is computed twice, through the public API (idjax.knn / twonn / g
 twonn_decimation) and through the pipeline's profile code (experiments.profile.compute_profile on an
 in-memory representation set); the script checks that both give the same IDs and selections.
 
-  python benchmarks/planted_profiles.py                     # the README table (N = 1500, 3 seeds)
+  python benchmarks/planted_profiles.py                     # the README table (N = 1000, 3 seeds)
   python benchmarks/planted_profiles.py --n 800 --seeds 1   # quicker
 """
 
@@ -103,7 +103,7 @@ def api_layer_metrics(x: np.ndarray, cfg, seed: int) -> dict:
             "decimation_ids": dec.ids, "decimation_errs": dec.errs, "decimation_sizes": dec.sizes}
 
 
-def hit(selected, planted: int, branch: str, expected_branch: str) -> bool:
+def hit(selected, planted: int, expected_branch: str) -> bool:
     if selected is None:
         return False
     tolerance = 1 if expected_branch == PLATEAU_START else 0
@@ -145,7 +145,7 @@ def run(n: int, seeds: int, noise_levels=NOISE_LEVELS, shapes=None, verbose: boo
                     choice = select_layer(ids_api, errs_api, **kwargs)
                     if select_layer(ids_pipe, errs_pipe, **kwargs).selected != choice.selected:
                         max_api_pipeline_diff = np.inf
-                    ok = hit(choice.selected, planted, choice.branch, expected_branch)
+                    ok = hit(choice.selected, planted, expected_branch)
                     hits[(name, noise)] += ok
                     details.append((name, noise, shape, seed, choice.selected, choice.branch, np.round(ids_api, 1), ok))
                 if verbose:
@@ -168,7 +168,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1500, help="points per layer")
+    parser.add_argument("--n", type=int, default=1000, help="points per layer")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--details", action="store_true", help="print every run's selection and ID profile")
     args = parser.parse_args()

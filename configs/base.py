@@ -60,8 +60,11 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.profile.decimation_min_size = 20
     config.profile.decimation_target_ratio = 32  # "twonn_decimated": subsets of about N / 32 (the paper)
     config.profile.decimation_min_subset = 256  # ... but never fewer points than this (N / 32 of 2000 is 62)
-    config.profile.id_estimator = "twonn"  # twonn | twonn_decimated | gride | gride_plateau
-    config.profile.gride_rank = 8
+    # The ID that drives layer selection: GRIDE(32, 64) found the planted layer most often on noisy
+    # synthetic profiles (benchmarks/planted_profiles.py, table in the README). twonn | twonn_decimated |
+    # gride | gride_plateau.
+    config.profile.id_estimator = "gride"
+    config.profile.gride_rank = 64  # n2 of GRIDE(n2 / 2, n2); needs k_max and gride_range_max >= it
     config.profile.label_ks = (1, 10, 30)
     config.profile.overlap_k = 30
     config.profile.duplicates = "drop"  # drop | error

@@ -133,6 +133,20 @@ def chosen_id(metrics: dict, cfg: ml_collections.ConfigDict, estimator: str | No
     raise ValueError(f"unknown id_estimator {estimator!r}: {', '.join(ID_ESTIMATORS)}")
 
 
+def check_id_estimator(cfg: ml_collections.ConfigDict, n_points: int) -> None:
+    """Refuses, before any layer is computed, an ID estimator the profile options cannot provide."""
+    if cfg.id_estimator not in ID_ESTIMATORS:
+        raise ValueError(f"unknown id_estimator {cfg.id_estimator!r}: {', '.join(ID_ESTIMATORS)}")
+    if cfg.id_estimator == "twonn_decimated" and not cfg.decimation:
+        raise ValueError("id_estimator 'twonn_decimated' needs profile.decimation=True")
+    largest = min(cfg.k_max, cfg.gride_range_max, n_points - 1)
+    if cfg.id_estimator == "gride" and cfg.gride_rank > largest:
+        raise ValueError(
+            f"profile.gride_rank={cfg.gride_rank} needs neighbours up to that rank, but only rank {largest} is "
+            f"computed (k_max={cfg.k_max}, gride_range_max={cfg.gride_range_max}, {n_points} points); lower "
+            "profile.gride_rank to a power of two <= that or raise k_max and gride_range_max")
+
+
 def estimator_agreement(per_layer: list[dict], cfg: ml_collections.ConfigDict) -> dict:
     """Per layer, the IDs of TwoNN (all N), decimated TwoNN (when computed) and GRIDE at `gride_rank`, and
     their relative spread (max - min) / median, so that disagreement between scales is visible."""
@@ -153,6 +167,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
       (summary dict for results.json, arrays dict for profile.npz).
     """
     keep, dup_per_layer = _common_keep(reps.layers, cfg.duplicates)
+    check_id_estimator(cfg, len(keep))
     labels = None if reps.labels is None else np.asarray(reps.labels)[keep]
     n_layers = len(reps.layers)
     per_layer = []
@@ -194,8 +209,8 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
         "n_duplicates_dropped": int(reps.layers[0].shape[0] - len(keep)),
         "duplicates_per_layer": dup_per_layer, "id_estimator": cfg.id_estimator,
         "id": ids.tolist(), "id_err": errs.tolist(), "peak_layer": choice.peak, "selected_layer": choice.selected,
-        "selection_branch": choice.branch, "selection_rule": choice.rule,
-        "estimator_agreement": estimator_agreement(per_layer, cfg), "adjacent_overlap_k": k_overlap, "adjacent_overlap": adjacent.tolist(),
+        "selection_branch": choice.branch, "estimator_agreement": estimator_agreement(per_layer, cfg),
+        "selection_rule": choice.rule, "adjacent_overlap_k": k_overlap, "adjacent_overlap": adjacent.tolist(),
         "profile_seconds": time.perf_counter() - start,
     }
     if labels is not None:

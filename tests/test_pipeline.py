@@ -25,6 +25,7 @@ def tiny_igpt_config(n_examples: int = 240):
     config.extract.batch_size = 64
     config.profile.k_max = 16
     config.profile.gride_range_max = 16
+    config.profile.gride_rank = 16
     config.profile.label_ks = (5, 10)
     config.profile.overlap_k = 10
     config.profile.decimation_min_size = 30
@@ -195,6 +196,7 @@ def test_protein_pipeline_on_scope(shared_data, tmp_path):
     config.extract.batch_size = 32
     config.profile.k_max = 16
     config.profile.gride_range_max = 16
+    config.profile.gride_rank = 16
     config.profile.label_ks = (5, 10)
     config.profile.overlap_k = 10
     config.profile.decimation = False
