@@ -136,7 +136,7 @@ def test_selected_layer_matches_a_hand_made_id_profile(tmp_path):
     config.profile.decimation = False
     config.probe.enabled = False
     results = profile.run(config, tmp_path)
-    np.testing.assert_allclose(results["id"], dims, rtol=0.12)
+    np.testing.assert_allclose(results["estimator_agreement"]["id"]["twonn"], dims, rtol=0.12)  # the NN scale
     assert results["peak_layer"] == 2 and results["selected_layer"] == 4
 
 
