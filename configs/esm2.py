@@ -52,4 +52,5 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     if paths:
         return [{"name": os.path.basename(p.rstrip("/")), "overrides": {"model.source": "hf", "model.path": p}}
                 for p in paths]
-    return [{"name": f"k{k}", "overrides": {"profile.k_max": k, "profile.gride_range_max": k}} for k in (16, 32, 64)]
+    return [{"name": f"k{k}", "overrides": {"profile.k_max": k, "profile.gride_range_max": k, "profile.gride_rank": k}}
+            for k in (16, 32, 64)]

@@ -7,7 +7,8 @@
 
 Data: CIFAR-10 (ConvNetJS batches, 32x32) for the published models, digits for tiny/trained ones.
 Without the official colour clusters a 512-colour palette is fitted with k-means on the images and
-saved beside the results. ID: TwoNN on decimated subsets of about N/32 points, as the paper plots for iGPT.
+saved beside the results. ID: the default (GRIDE(32, 64)); `configs/paper.py:igpt,s` uses the paper's TwoNN on
+N/32-point subsets.
 """
 
 import ml_collections
@@ -20,7 +21,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base.analysis_config()
     config.name = f"igpt-{arg}"
     config.model.family = "igpt"
-    config.profile.id_estimator = "twonn_decimated"
     if arg in ("s", "m", "l"):
         config.model.source = "hf"
         config.model.size = arg
@@ -35,7 +35,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.overrides = {"vocab_size": 17, "n_positions": 64}
         config.data.name = "digits"
         config.extract.batch_size = 128
-        config.profile.id_estimator = "twonn"
     else:
         raise ValueError(f"arg must be s, m, l, trained or tiny; got {arg!r}")
     return config

@@ -38,7 +38,11 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 def _print_summary(results: dict, workdir: pathlib.Path) -> None:
     ids = ", ".join(f"{v:.1f}" for v in results["id"])
     print(f"\nID profile ({results['id_estimator']}, {results['n_points']} points): [{ids}]")
-    print(f"peak layer {results['peak_layer']}, selected layer (relative ID minimum): {results['selected_layer']}")
+    print(f"peak layer {results['peak_layer']}, selected layer: {results['selected_layer']} "
+          f"[{results['selection_branch']}: {results['selection_rule']}]")
+    agreement = results["estimator_agreement"]
+    print(f"estimator agreement ({', '.join(agreement['estimators'])}): largest relative spread "
+          f"{agreement['max_relative_spread']:.0%} at layer {agreement['max_spread_layer']}")
     if "best_overlap_layer" in results:
         print(f"best label-overlap layer (k={results['best_overlap_k']}): {results['best_overlap_layer']}")
     if "probes" in results:

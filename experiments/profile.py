@@ -6,11 +6,15 @@ at the first relative ID minimum after the peak, probes every layer when labels 
 `results.json`, `profile.npz` and the figures.
 
 The ID that drives the selection is `config.profile.id_estimator`:
-  "twonn"            TwoNN fit on all N points (the nearest-neighbour scale).
-  "twonn_decimated"  TwoNN mean over disjoint subsets of about N / `decimation_target_ratio` points
-                     (the paper's choice for iGPT, where the scaling curve is flat: N / 32).
+  "twonn"            TwoNN fit on all N points (the nearest-neighbour scale, the most noise-sensitive).
+  "twonn_decimated"  TwoNN mean over disjoint subsets of about max(N / `decimation_target_ratio`,
+                     `decimation_min_subset`) points (the paper's choice for iGPT: N / 32).
   "gride"            GRIDE at ranks (n2 / 2, n2) with n2 = `gride_rank` (a larger, fixed scale).
-The whole scaling curves (decimation and GRIDE) are saved either way.
+  "gride_plateau"    per layer, GRIDE where its scaling curve is flattest (see `scale_plateau`).
+The whole scaling curves (decimation and GRIDE) are saved either way, and `results.json` lists, per
+layer, TwoNN, decimated TwoNN and GRIDE at `gride_rank` with their relative spread
+(`estimator_agreement`). `selection_branch` says which branch of the rule fired (idjax/selection.py);
+`selected_layer` is null when the profile has no significant peak or minimum.
 """
 
 from __future__ import annotations
@@ -88,23 +92,71 @@ def layer_metrics(x: np.ndarray, labels: np.ndarray | None, cfg: ml_collections.
     return out
 
 
-def chosen_id(metrics: dict, cfg: ml_collections.ConfigDict) -> tuple[float, float]:
-    """The (ID, error) of one layer under `cfg.id_estimator`."""
-    if cfg.id_estimator == "twonn":
+ID_ESTIMATORS = ("twonn", "twonn_decimated", "gride", "gride_plateau")
+
+
+def decimation_level(sizes: np.ndarray, cfg: ml_collections.ConfigDict) -> int:
+    """Index of the decimation level whose subset size is closest (in log) to
+    max(N / decimation_target_ratio, decimation_min_subset): the paper's N / 32, but never so few
+    points that TwoNN on each subset is mostly noise (N / 32 of 2,000 points would be 62)."""
+    target = max(sizes[0] / cfg.decimation_target_ratio, cfg.get("decimation_min_subset", 0))
+    return int(np.argmin(np.abs(np.log(np.asarray(sizes, np.float64) / target))))
+
+
+def scale_plateau(ids: np.ndarray, errs: np.ndarray) -> tuple[float, float]:
+    """The ID where a scaling curve (ascending scales) is flattest: the mean of the two consecutive
+    scales with the smallest |log ID change|, and the larger of their errors."""
+    steps = np.abs(np.diff(np.log(ids)))
+    i = int(np.argmin(steps))
+    return float(ids[i : i + 2].mean()), float(max(errs[i], errs[i + 1]))
+
+
+def chosen_id(metrics: dict, cfg: ml_collections.ConfigDict, estimator: str | None = None) -> tuple[float, float]:
+    """The (ID, error) of one layer under `estimator` (default `cfg.id_estimator`)."""
+    estimator = estimator or cfg.id_estimator
+    if estimator == "twonn":
         n = len(metrics["indices"])
         return float(metrics["twonn"]), float(metrics["twonn"]) / np.sqrt(n)
-    if cfg.id_estimator == "twonn_decimated":
-        sizes = metrics["decimation_sizes"]
-        target = sizes[0] / cfg.decimation_target_ratio
-        i = int(np.argmin(np.abs(np.log(sizes / target))))
+    if estimator == "twonn_decimated":
+        if "decimation_ids" not in metrics:
+            raise ValueError("id_estimator 'twonn_decimated' needs profile.decimation=True")
+        i = decimation_level(metrics["decimation_sizes"], cfg)
         return float(metrics["decimation_ids"][i]), float(metrics["decimation_errs"][i])
-    if cfg.id_estimator == "gride":
+    if estimator == "gride":
         ranks = list(metrics["gride_ranks"])
         if cfg.gride_rank not in ranks:
             raise ValueError(f"profile.gride_rank={cfg.gride_rank} is not among the computed ranks {ranks}")
         i = ranks.index(cfg.gride_rank)
         return float(metrics["gride_ids"][i]), float(metrics["gride_errs"][i])
-    raise ValueError(f"unknown id_estimator {cfg.id_estimator!r}: twonn, twonn_decimated, gride")
+    if estimator == "gride_plateau":
+        return scale_plateau(np.asarray(metrics["gride_ids"]), np.asarray(metrics["gride_errs"]))
+    raise ValueError(f"unknown id_estimator {estimator!r}: {', '.join(ID_ESTIMATORS)}")
+
+
+def check_id_estimator(cfg: ml_collections.ConfigDict, n_points: int) -> None:
+    """Refuses, before any layer is computed, an ID estimator the profile options cannot provide."""
+    if cfg.id_estimator not in ID_ESTIMATORS:
+        raise ValueError(f"unknown id_estimator {cfg.id_estimator!r}: {', '.join(ID_ESTIMATORS)}")
+    if cfg.id_estimator == "twonn_decimated" and not cfg.decimation:
+        raise ValueError("id_estimator 'twonn_decimated' needs profile.decimation=True")
+    largest = min(cfg.k_max, cfg.gride_range_max, n_points - 1)
+    if cfg.id_estimator == "gride" and cfg.gride_rank > largest:
+        raise ValueError(
+            f"profile.gride_rank={cfg.gride_rank} needs neighbours up to that rank, but only rank {largest} is "
+            f"computed (k_max={cfg.k_max}, gride_range_max={cfg.gride_range_max}, {n_points} points); lower "
+            "profile.gride_rank to a power of two <= that or raise k_max and gride_range_max")
+
+
+def estimator_agreement(per_layer: list[dict], cfg: ml_collections.ConfigDict) -> dict:
+    """Per layer, the IDs of TwoNN (all N), decimated TwoNN (when computed) and GRIDE at `gride_rank`, and
+    their relative spread (max - min) / median, so that disagreement between scales is visible."""
+    names = ["twonn", "gride"] + (["twonn_decimated"] if "decimation_ids" in per_layer[0] else [])
+    ids = {name: [chosen_id(m, cfg, name)[0] for m in per_layer] for name in names}
+    table = np.array([ids[name] for name in names])
+    spread = (table.max(0) - table.min(0)) / np.median(table, axis=0)
+    return {"estimators": names, "gride_rank": cfg.gride_rank, "id": ids,
+            "relative_spread": spread.tolist(), "max_relative_spread": float(spread.max()),
+            "max_spread_layer": int(np.argmax(spread))}
 
 
 def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict, cache_dir: pathlib.Path,
@@ -115,6 +167,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
       (summary dict for results.json, arrays dict for profile.npz).
     """
     keep, dup_per_layer = _common_keep(reps.layers, cfg.duplicates)
+    check_id_estimator(cfg, len(keep))
     labels = None if reps.labels is None else np.asarray(reps.labels)[keep]
     n_layers = len(reps.layers)
     per_layer = []
@@ -133,8 +186,8 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     adjacent = np.array([idjax.data_overlap(per_layer[i]["indices"], per_layer[i + 1]["indices"], k_overlap)
                          for i in range(n_layers - 1)])
     ids, errs = map(np.array, zip(*[chosen_id(m, cfg) for m in per_layer], strict=True))
-    choice = select_layer(ids, errs, window=cfg.selection_window, min_drop=cfg.selection_min_drop,
-                          min_rise=cfg.selection_min_rise, z=cfg.selection_z)
+    choice = select_layer(ids, errs, z=cfg.selection_z, min_drop=cfg.selection_min_drop,
+                          min_rise=cfg.selection_min_rise, min_plateau=cfg.selection_min_plateau)
 
     arrays = {
         "id": ids, "id_err": errs,
@@ -156,6 +209,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
         "n_duplicates_dropped": int(reps.layers[0].shape[0] - len(keep)),
         "duplicates_per_layer": dup_per_layer, "id_estimator": cfg.id_estimator,
         "id": ids.tolist(), "id_err": errs.tolist(), "peak_layer": choice.peak, "selected_layer": choice.selected,
+        "selection_branch": choice.branch, "estimator_agreement": estimator_agreement(per_layer, cfg),
         "selection_rule": choice.rule, "adjacent_overlap_k": k_overlap, "adjacent_overlap": adjacent.tolist(),
         "profile_seconds": time.perf_counter() - start,
     }

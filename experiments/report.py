@@ -40,9 +40,11 @@ def plot_id(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
         line = ax.errorbar(depth, arrays["id"], yerr=arrays["id_err"], marker="o", ms=3, capsize=2, lw=1.4,
                            label=name)
         sel = results["selected_layer"]
-        ax.plot(depth[sel], arrays["id"][sel], marker="*", ms=14, color=line[0].get_color(), mec="k", zorder=5)
+        if sel is not None:
+            ax.plot(depth[sel], arrays["id"][sel], marker="*", ms=14, color=line[0].get_color(), mec="k", zorder=5)
     _style(ax, "relative depth", f"intrinsic dimension ({runs[0][1]['id_estimator']})")
-    ax.set_title("ID profile (star: selected layer)", fontsize=10)
+    branches = sorted({r[1].get("selection_branch", "") for r in runs} - {""})
+    ax.set_title(f"ID profile (star: selected layer; {', '.join(branches) or 'rule'})", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     return _save(fig, path)
 
@@ -58,7 +60,8 @@ def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path 
         line, = ax.plot(depth, arrays["label_overlap"][:, k_index], marker="o", ms=3,
                         label=f"{name}: overlap with labels (k={results['best_overlap_k']})")
         sel = results["selected_layer"]
-        ax.axvline(depth[sel], color=line.get_color(), ls="--", lw=0.8)
+        if sel is not None:
+            ax.axvline(depth[sel], color=line.get_color(), ls="--", lw=0.8)
         for key, style in (("linear_probe_accuracy", ":"), ("knn_accuracy", "-."),
                            ("remote_homology_label_overlap", "--")):
             if key in arrays:

@@ -23,6 +23,7 @@ SWEEP_CONFIG = textwrap.dedent('''
         config.extract.batch_size = 75
         config.profile.k_max = 8
         config.profile.gride_range_max = 8
+        config.profile.gride_rank = 8
         config.profile.label_ks = (5,)
         config.profile.overlap_k = 5
         config.profile.decimation = False

@@ -26,6 +26,7 @@ def tiny_igpt_config(n_examples: int = 240):
     config.extract.batch_size = 64
     config.profile.k_max = 16
     config.profile.gride_range_max = 16
+    config.profile.gride_rank = 16
     config.profile.label_ks = (5, 10)
     config.profile.overlap_k = 10
     config.profile.decimation_min_size = 30
@@ -136,7 +137,7 @@ def test_selected_layer_matches_a_hand_made_id_profile(tmp_path):
     config.profile.decimation = False
     config.probe.enabled = False
     results = profile.run(config, tmp_path)
-    np.testing.assert_allclose(results["id"], dims, rtol=0.12)
+    np.testing.assert_allclose(results["estimator_agreement"]["id"]["twonn"], dims, rtol=0.12)  # the NN scale
     assert results["peak_layer"] == 2 and results["selected_layer"] == 4
 
 
@@ -197,6 +198,7 @@ def test_protein_pipeline_on_scope(shared_data, tmp_path):
     config.extract.batch_size = 32
     config.profile.k_max = 16
     config.profile.gride_range_max = 16
+    config.profile.gride_rank = 16
     config.profile.label_ks = (5, 10)
     config.profile.overlap_k = 10
     config.profile.decimation = False
