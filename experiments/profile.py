@@ -5,6 +5,13 @@
 at the first relative ID minimum after the peak, probes every layer when labels exist, and writes
 `results.json`, `profile.npz` and the figures.
 
+Every cached result (per layer: the kNN graph, the IDs from it, the decimation curve, the label
+overlaps; the linear and the neighbour probes) is stored with the key of what produced it: the
+store's fingerprint, a content hash of the layer, a hash of the kept point indices (and labels), and
+exactly the options it depends on (the graph: k_max; the rest: `ID_OPTIONS`, ...). A file whose key differs is
+recomputed and replaced, never read, so a rerun under changed options or after a re-extraction gives
+a fresh run's numbers while redoing only what the change affects.
+
 The ID that drives the selection is `config.profile.id_estimator`:
   "twonn"            TwoNN fit on all N points (the nearest-neighbour scale).
   "twonn_decimated"  TwoNN mean over disjoint subsets of about N / `decimation_target_ratio` points
@@ -68,7 +75,6 @@ def knn_graph(x: np.ndarray, k: int, sharded: str = "auto") -> tuple[np.ndarray,
 # Which profile options each cached per-layer result depends on. Every other option (the ID that drives
 # the selection, the selection thresholds, overlap_k) acts only on cached results, so changing it
 # recomputes nothing; `sharded` picks where the graph is computed, not what it is.
-GRAPH_OPTIONS = ("k_max",)
 ID_OPTIONS = ("twonn_fraction", "gride_range_max")
 DECIMATION_OPTIONS = ("twonn_fraction", "decimation_min_size")
 LABEL_OPTIONS = ("label_ks",)
@@ -377,16 +383,17 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     # labels are gone) is removed rather than left beside results it does not show.
     previous = _previous_figures(workdir / "results.json")
     figures = [str(f) for f in report.write_figures(workdir, [(results["name"], results, arrays)])]
-    for stale in previous - set(figures):
-        pathlib.Path(stale).unlink(missing_ok=True)
+    for stale in previous - {pathlib.Path(f).name for f in figures}:
+        (workdir / stale).unlink(missing_ok=True)
     results["figures"] = figures
     atomic_write_json(workdir / "results.json", results)
     return results
 
 
 def _previous_figures(results_file: pathlib.Path) -> set[str]:
-    """The figures listed by an earlier results.json in this workdir (none if there is no readable one)."""
+    """File names of the figures an earlier results.json in this workdir lists (a workdir may have been
+    moved or copied since, so only the names count, taken in this workdir)."""
     try:
-        return set(json.loads(results_file.read_text()).get("figures", []))
-    except (OSError, ValueError, AttributeError):
+        return {pathlib.Path(f).name for f in json.loads(results_file.read_text()).get("figures", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
         return set()
