@@ -161,22 +161,22 @@ def label_metrics(idx: np.ndarray, labels: np.ndarray, label_ks) -> dict[str, np
             "label_overlap_weighted": np.array([idjax.label_overlap(idx, labels, k, weighted=True) for k in ks])}
 
 
-def layer_metrics(x, labels: np.ndarray | None, cfg: ml_collections.ConfigDict, seed: int, *,
-                  cache_dir: pathlib.Path, layer: int, source: dict) -> dict[str, np.ndarray]:
-    """Everything computed from one layer's representation (its rows `source["kept"]`), each part cached
-    under the key of exactly what produced it: the kNN graph (data, points, k), the IDs from it
-    (+ twonn_fraction, gride_range_max), the decimation curve (data, points, its options, seed) and the
-    label overlaps (graph, labels, label_ks). A changed option recomputes only the parts it enters.
+def layer_metrics(x, keep: np.ndarray, labels: np.ndarray | None, cfg: ml_collections.ConfigDict, seed: int, *,
+                  layer: int, identity: dict, cache_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """Everything computed from one layer's representation, each part cached under the key of exactly
+    what produced it: the kNN graph (data, points, k), the IDs from it (+ twonn_fraction,
+    gride_range_max), the decimation curve (data, points, its options, seed) and the label overlaps
+    (graph, labels, label_ks). A changed option recomputes only the parts it enters.
 
-    x: the stored (N_all, D) layer; source: {"store", "layer_digest", "kept", "kept_digest", "labels_digest"}.
+    x: the stored (N_all, D) layer; keep: the (N,) rows used; labels: (N,) or None;
+    identity: `store_identity(reps, keep)`.
     """
-    kept = source["kept"]
-    data = {"store": source["store"], "layer": layer, "layer_digest": source["layer_digest"],
-            "kept_digest": source["kept_digest"]}
-    k = min(cfg.k_max, len(kept) - 1)
+    data = {"store": identity["store"], "layer": layer, "layer_digest": identity["layer_digests"][layer],
+            "kept_digest": identity["kept_digest"]}
+    k = min(cfg.k_max, len(keep) - 1)
 
     def rows() -> np.ndarray:
-        return np.asarray(x, np.float32)[kept]
+        return np.asarray(x, np.float32)[keep]
 
     def graph() -> dict[str, np.ndarray]:
         dist, idx = knn_graph(rows(), k, cfg.get("sharded", "auto"))
@@ -193,7 +193,7 @@ def layer_metrics(x, labels: np.ndarray | None, cfg: ml_collections.ConfigDict, 
                           lambda: decimation_metrics(rows(), cfg, seed)))
     if labels is not None:
         out.update(cached(pathlib.Path(f"{prefix}_labels.npz"),
-                          {"result": "labels", **data, "k": k, "labels_digest": source["labels_digest"],
+                          {"result": "labels", **data, "k": k, "labels_digest": identity["labels_digest"],
                            **_options(cfg, LABEL_OPTIONS)},
                           lambda: label_metrics(g["indices"], labels, cfg.label_ks)))
     return out
@@ -233,10 +233,8 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     start = time.perf_counter()
     with tqdm(total=n_layers, desc="profile", unit="layer", dynamic_ncols=True) as bar:
         for layer, x in enumerate(reps.layers):
-            source = {"store": identity["store"], "layer_digest": identity["layer_digests"][layer], "kept": keep,
-                      "kept_digest": identity["kept_digest"], "labels_digest": identity["labels_digest"]}
-            per_layer.append(layer_metrics(x, labels, cfg, seed + layer, cache_dir=cache_dir, layer=layer,
-                                           source=source))
+            per_layer.append(layer_metrics(x, keep, labels, cfg, seed + layer, layer=layer, identity=identity,
+                                           cache_dir=cache_dir))
             bar.update(1)
     k_overlap = min(cfg.overlap_k, per_layer[0]["indices"].shape[1])
     adjacent = np.array([idjax.data_overlap(per_layer[i]["indices"], per_layer[i + 1]["indices"], k_overlap)
