@@ -30,7 +30,8 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.model.long_policy = "crop"  # esm2: error | crop | windows (mean of windows, weighted by residues)
     config.model.max_residues = 1022  # esm2: residues per sequence or window
     config.model.unknown = "error"  # esm2: error | X
-    config.model.palette = ""  # igpt: .npy or preprocessor_config.json; empty: fit with k-means
+    config.model.palette = ""  # igpt: .npy / preprocessor_config.json | "fit" (k-means) | empty: the checkpoint's
+    # own clusters (hf; refused without), the saved palette (trained), k-means (random)
     config.model.normalize = False  # bert: L2-normalise pooled vectors
     config.model.seed = 0
 

@@ -1,13 +1,14 @@
 """iGPT S/M/L (HF ImageGPT checkpoints) on labelled images; the paper's image setting.
 
-  --config=configs/igpt.py:s --config.model.path=/ckpt/imagegpt-small \
-      --config.model.palette=/ckpt/imagegpt-small/preprocessor_config.json
+  --config=configs/igpt.py:s --config.model.path=/ckpt/imagegpt-small
   --config=configs/igpt.py:trained --config.model.path=workdirs/igpt_tiny_digits
   --config=configs/igpt.py:tiny   (random init on digits; smoke test)
 
 Data: CIFAR-10 (ConvNetJS batches, 32x32) for the published models, digits for tiny/trained ones.
-Without the official colour clusters a 512-colour palette is fitted with k-means on the images and
-saved beside the results. ID: the default (GRIDE(32, 64)); `configs/paper.py:igpt,s` uses the paper's TwoNN on
+A HF checkpoint is read through its own colour clusters (`clusters` in its preprocessor_config.json,
+or `kmeans_centers.npy`); one without them is refused unless `--config.model.palette` names the
+clusters file or is "fit" (a k-means palette on the images, whose ids are not the model's colours).
+ID: the default (GRIDE(32, 64)); `configs/paper.py:igpt,s` uses the paper's TwoNN on
 N/32-point subsets.
 """
 

@@ -203,13 +203,69 @@ def esm2_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size:
                     "dtype": cfg.get("dtype", "float32")})
 
 
+FIT_PALETTE = "fit"
+
+
+def palette_source(cfg: ml_collections.ConfigDict) -> tuple[str, pathlib.Path | None]:
+    """Where an iGPT's colour palette comes from: (kind, file), decided before any model is loaded.
+
+    `cfg.palette` set to a file (`preprocessor_config.json`, `.npy`) or a directory holding one:
+    ("file", it). `cfg.palette == "fit"`: ("fitted", None), k-means on the analysed images. Unset: a HF
+    checkpoint (source "hf") uses its own clusters ("checkpoint") and is refused without them, since its
+    colour ids mean the colours it was trained on, which a palette fitted here does not reproduce; a
+    model trained here uses the palette saved with it ("trained"); a random init gets a fitted one.
+    """
+    from models import palette
+
+    chosen = _opt(cfg.get("palette"))
+    if chosen == FIT_PALETTE:
+        return "fitted", None
+    if chosen is not None:
+        path = pathlib.Path(chosen)
+        return "file", (palette.checkpoint_palette(path) or path) if path.is_dir() else path
+    if cfg.source == "hf":
+        found = palette.checkpoint_palette(cfg.path)
+        if found is None:
+            raise palette.PaletteError(
+                f"the pretrained iGPT checkpoint {cfg.path} has no colour clusters (no {palette.PREPROCESSOR_CONFIG} "
+                f"with 'clusters', no {palette.KMEANS_CENTERS}); its colour ids mean the colours it was trained "
+                "on, so a palette fitted here would feed it other colours. Set model.palette to the checkpoint's "
+                f"clusters file (its {palette.PREPROCESSOR_CONFIG} or OpenAI's {palette.KMEANS_CENTERS}), or "
+                f"model.palette={FIT_PALETTE!r} to fit a k-means palette on the analysed images anyway"
+            )
+        return "checkpoint", found
+    if cfg.source == "trained":
+        return "trained", pathlib.Path(cfg.path) / "palette.npy"
+    return "fitted", None
+
+
+def load_palette_for(kind: str, path: pathlib.Path | None, images: np.ndarray, n_colors: int, *, seed: int,
+                     workdir: pathlib.Path) -> tuple[np.ndarray, dict]:
+    """The palette `palette_source` named, loaded (or fitted on `images` and saved as workdir/palette.npy).
+
+    Returns:
+      (float32 [K, 3] palette in [-1, 1], the record for the results: {"kind", "path", "n_colors", "digest"}).
+    """
+    from models import palette
+
+    if kind == "fitted":
+        colours = palette.fit_palette(images if images.shape[-1] == 3 else np.repeat(images, 3, -1), n_colors,
+                                      seed=seed)
+        path = palette.save_palette(workdir / "palette.npy", colours)
+    else:
+        colours = palette.load_palette(path)
+    return colours, {"kind": kind, "path": str(path), "n_colors": len(colours),
+                     "digest": palette.palette_digest(colours)}
+
+
 def igpt_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size: int,
                  workdir: pathlib.Path) -> Encoder:
-    """iGPT from a HF dir, a training workdir, or random init; images quantized with a palette."""
+    """iGPT from a HF dir, a training workdir, or random init; images quantized with the palette
+    `palette_source` names."""
     from models import igpt, palette
 
     source = cfg.source
-    palette_path = _opt(cfg.get("palette"))
+    palette_kind, palette_path = palette_source(cfg)  # a refusal comes before loading a large model
     if source == "hf":
         config, params = igpt.load_hf(cfg.path)
     elif source == "trained":
@@ -217,7 +273,6 @@ def igpt_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size:
 
         model, params, _ = train.load_trained(cfg.path)
         config = model.config
-        palette_path = palette_path or str(pathlib.Path(cfg.path) / "palette.npy")
     elif source == "random":
         overrides = dict(cfg.get("overrides") or {}) if not hasattr(cfg.get("overrides"), "to_dict") \
             else cfg.overrides.to_dict()
@@ -226,12 +281,8 @@ def igpt_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size:
     else:
         raise ValueError(f"unknown iGPT source {source!r}: hf, trained, random")
     images = examples.inputs
-    if palette_path:
-        colours = palette.load_palette(palette_path)
-    else:  # no official clusters offline: fit one on the analysed images and keep it with the results
-        colours = palette.fit_palette(images if images.shape[-1] == 3 else np.repeat(images, 3, -1),
-                                      config.n_colors, seed=cfg.get("seed", 0))
-        palette.save_palette(workdir / "palette.npy", colours)
+    colours, palette_record = load_palette_for(palette_kind, palette_path, images, config.n_colors,
+                                               seed=cfg.get("seed", 0), workdir=workdir)
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     pixels = palette.quantize(images, colours)
@@ -249,7 +300,7 @@ def igpt_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size:
 
     return Encoder(_chunks(np.arange(len(examples)), batch_size), embed,
                    {"family": "igpt", "source": source, "path": str(cfg.get("path")), "stream": stream,
-                    "config": dataclasses.asdict(config), "palette": str(palette_path or workdir / "palette.npy")})
+                    "config": dataclasses.asdict(config), "palette": palette_record})
 
 
 def bert_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size: int) -> Encoder:

@@ -5,6 +5,13 @@
 at the first relative ID minimum after the peak, probes every layer when labels exist, and writes
 `results.json`, `profile.npz` and the figures.
 
+Every cached result (per layer: the kNN graph, the IDs from it, the decimation curve, the label
+overlaps; the linear and the neighbour probes) is stored with the key of what produced it: the
+store's fingerprint, a content hash of the layer, a hash of the kept point indices (and labels), and
+exactly the options it depends on (the graph: k_max; the rest: `ID_OPTIONS`, ...). A file whose key differs is
+recomputed and replaced, never read, so a rerun under changed options or after a re-extraction gives
+a fresh run's numbers while redoing only what the change affects.
+
 The ID that drives the selection is `config.profile.id_estimator`:
   "twonn"            TwoNN fit on all N points (the nearest-neighbour scale, the most noise-sensitive).
   "twonn_decimated"  TwoNN mean over disjoint subsets of about max(N / `decimation_target_ratio`,
@@ -19,9 +26,12 @@ layer, TwoNN, decimated TwoNN and GRIDE at `gride_rank` with their relative spre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import time
+import zipfile
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -66,29 +76,130 @@ def knn_graph(x: np.ndarray, k: int, sharded: str = "auto") -> tuple[np.ndarray,
     return np.asarray(result.distances), np.asarray(result.indices)
 
 
-def layer_metrics(x: np.ndarray, labels: np.ndarray | None, cfg: ml_collections.ConfigDict,
-                  seed: int) -> dict[str, np.ndarray]:
-    """Everything computed from one layer's (N, D) representation and its kNN graph."""
-    k_max = min(cfg.k_max, x.shape[0] - 1)
-    dist, idx = knn_graph(x, k_max, cfg.get("sharded", "auto"))
-    out = {
-        "indices": np.asarray(idx),
-        "twonn": np.float64(idjax.twonn(dist, fraction=cfg.twonn_fraction)),
-        "twonn_mle": np.float64(idjax.twonn(dist, method="mle")),
-        "mean_r1": np.float64(dist[:, 0].mean()),
-    }
-    ids, errs, ranks = idjax.gride_scaling(dist, range_max=min(cfg.gride_range_max, k_max))
-    out.update(gride_ids=ids, gride_errs=errs, gride_ranks=ranks,
-               gride_scales=np.array([dist[:, r - 1].mean() for r in ranks]))
+# Which profile options each cached per-layer result depends on. Every other option (the ID that drives
+# the selection, the selection thresholds, overlap_k) acts only on cached results, so changing it
+# recomputes nothing; `sharded` picks where the graph is computed, not what it is.
+ID_OPTIONS = ("twonn_fraction", "gride_range_max")
+DECIMATION_OPTIONS = ("twonn_fraction", "decimation_min_size")
+LABEL_OPTIONS = ("label_ks",)
+PROBE_LINEAR_OPTIONS = ("steps", "seed", "test_fraction")
+PROBE_NEIGHBOUR_OPTIONS = ("knn_k", "remote_homology")
+_CACHE_FORMAT = 1
+_KEY = "__cache_key__"
+
+
+def array_digest(array: np.ndarray, chunk_bytes: int = 1 << 26) -> str:
+    """Content hash of an (N, ...) array (shape, dtype and values), read in row chunks of about 64 MiB
+    so a memory-mapped (N, D) layer is never loaded whole."""
+    array = np.asarray(array)
+    h = hashlib.sha256()  # hardware-accelerated on current CPUs: the fastest of hashlib here
+    h.update(repr((array.shape, array.dtype.str)).encode())
+    flat = array.reshape(len(array), -1)
+    rows = max(1, chunk_bytes // max(1, flat.shape[1] * flat.itemsize))
+    for start in range(0, len(flat), rows):
+        h.update(np.ascontiguousarray(flat[start : start + rows]))  # a view when already contiguous
+    return h.hexdigest()[:32]
+
+
+def read_cache_entry(path: pathlib.Path, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays of the cache file `path` if it was written for exactly `key`, else None.
+
+    The single read path of every cached result: a file written for another key (other data, other
+    points, other options), an older format or an unreadable file is never returned as a result.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if _KEY not in stored.files or str(stored[_KEY]) != key:
+                return None
+            return {name: stored[name] for name in stored.files if name != _KEY}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        logging.warning("cache file %s is unreadable (%s); recomputing it", path, err)
+        return None
+
+
+def write_cache_entry(path: pathlib.Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """The single write path of every cached result: the arrays and the key that produced them, atomically."""
+    atomic_save_npz(path, **{_KEY: np.array(key)}, **arrays)
+
+
+def cached(path: pathlib.Path, key: dict, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
+    """`compute()` as numpy arrays, read from `path` when it holds the result for `key`, else computed and
+    stored there (replacing whatever the file held). A hit and a fresh computation return the same values."""
+    text = json.dumps({"format": _CACHE_FORMAT, **key}, sort_keys=True)
+    hit = read_cache_entry(path, text)
+    if hit is not None:
+        return hit
+    arrays = {name: np.asarray(value) for name, value in compute().items()}
+    write_cache_entry(path, text, arrays)
+    return arrays
+
+
+def _options(cfg: ml_collections.ConfigDict, names: tuple[str, ...]) -> dict:
+    return {name: cfg.get(name) for name in names}
+
+
+def id_metrics(dist: np.ndarray, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """TwoNN (fit and MLE), mean r1 and the GRIDE scaling curve from one layer's (N, k) distances."""
+    ids, errs, ranks = idjax.gride_scaling(dist, range_max=min(cfg.gride_range_max, dist.shape[1]))
+    return {"twonn": np.float64(idjax.twonn(dist, fraction=cfg.twonn_fraction)),
+            "twonn_mle": np.float64(idjax.twonn(dist, method="mle")),
+            "mean_r1": np.float64(dist[:, 0].mean()),
+            "gride_ids": ids, "gride_errs": errs, "gride_ranks": ranks,
+            "gride_scales": np.array([dist[:, r - 1].mean() for r in ranks])}
+
+
+def decimation_metrics(x: np.ndarray, cfg: ml_collections.ConfigDict, seed: int) -> dict[str, np.ndarray]:
+    """TwoNN on disjoint subsets of N/2^i points of one layer's (N, D) representation."""
+    ids, errs, sizes = idjax.twonn_decimation(x, fraction=cfg.twonn_fraction, seed=seed,
+                                              min_size=cfg.decimation_min_size)
+    return {"decimation_ids": ids, "decimation_errs": errs, "decimation_sizes": sizes}
+
+
+def label_metrics(idx: np.ndarray, labels: np.ndarray, label_ks) -> dict[str, np.ndarray]:
+    """Overlap with labels (plain and class-weighted) at every k of `label_ks` the (N, k) graph reaches."""
+    ks = [k for k in label_ks if k <= idx.shape[1]]
+    return {"label_ks": np.asarray(ks),
+            "label_overlap": np.array([idjax.label_overlap(idx, labels, k) for k in ks]),
+            "label_overlap_weighted": np.array([idjax.label_overlap(idx, labels, k, weighted=True) for k in ks])}
+
+
+def layer_metrics(x, keep: np.ndarray, labels: np.ndarray | None, cfg: ml_collections.ConfigDict, seed: int, *,
+                  layer: int, identity: dict, cache_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """Everything computed from one layer's representation, each part cached under the key of exactly
+    what produced it: the kNN graph (data, points, k), the IDs from it (+ twonn_fraction,
+    gride_range_max), the decimation curve (data, points, its options, seed) and the label overlaps
+    (graph, labels, label_ks). A changed option recomputes only the parts it enters.
+
+    x: the stored (N_all, D) layer; keep: the (N,) rows used; labels: (N,) or None;
+    identity: `store_identity(reps, keep)`.
+    """
+    data = {"store": identity["store"], "layer": layer, "layer_digest": identity["layer_digests"][layer],
+            "kept_digest": identity["kept_digest"]}
+    k = min(cfg.k_max, len(keep) - 1)
+
+    def rows() -> np.ndarray:
+        return np.asarray(x, np.float32)[keep]
+
+    def graph() -> dict[str, np.ndarray]:
+        dist, idx = knn_graph(rows(), k, cfg.get("sharded", "auto"))
+        return {"distances": dist, "indices": idx}
+
+    prefix = cache_dir / f"layer_{layer:03d}"
+    g = cached(pathlib.Path(f"{prefix}_graph.npz"), {"result": "knn_graph", **data, "k": k}, graph)
+    out = {"indices": g["indices"]}
+    out.update(cached(pathlib.Path(f"{prefix}_ids.npz"), {"result": "ids", **data, "k": k, **_options(cfg, ID_OPTIONS)},
+                      lambda: id_metrics(g["distances"], cfg)))
     if cfg.decimation:
-        dec_ids, dec_errs, sizes = idjax.twonn_decimation(x, fraction=cfg.twonn_fraction, seed=seed,
-                                                          min_size=cfg.decimation_min_size)
-        out.update(decimation_ids=dec_ids, decimation_errs=dec_errs, decimation_sizes=sizes)
+        out.update(cached(pathlib.Path(f"{prefix}_decimation.npz"),
+                          {"result": "decimation", **data, "seed": seed, **_options(cfg, DECIMATION_OPTIONS)},
+                          lambda: decimation_metrics(rows(), cfg, seed)))
     if labels is not None:
-        ks = [k for k in cfg.label_ks if k <= k_max]
-        out["label_ks"] = np.asarray(ks)
-        out["label_overlap"] = np.array([idjax.label_overlap(idx, labels, k) for k in ks])
-        out["label_overlap_weighted"] = np.array([idjax.label_overlap(idx, labels, k, weighted=True) for k in ks])
+        out.update(cached(pathlib.Path(f"{prefix}_labels.npz"),
+                          {"result": "labels", **data, "k": k, "labels_digest": identity["labels_digest"],
+                           **_options(cfg, LABEL_OPTIONS)},
+                          lambda: label_metrics(g["indices"], labels, cfg.label_ks)))
     return out
 
 
@@ -170,17 +281,13 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     check_id_estimator(cfg, len(keep))
     labels = None if reps.labels is None else np.asarray(reps.labels)[keep]
     n_layers = len(reps.layers)
+    identity = store_identity(reps, keep)
     per_layer = []
     start = time.perf_counter()
     with tqdm(total=n_layers, desc="profile", unit="layer", dynamic_ncols=True) as bar:
         for layer, x in enumerate(reps.layers):
-            cache = cache_dir / f"layer_{layer:03d}.npz"
-            if cache.exists():
-                metrics = dict(np.load(cache))
-            else:
-                metrics = layer_metrics(np.asarray(x, np.float32)[keep], labels, cfg, seed + layer)
-                atomic_save_npz(cache, **metrics)
-            per_layer.append(metrics)
+            per_layer.append(layer_metrics(x, keep, labels, cfg, seed + layer, layer=layer, identity=identity,
+                                           cache_dir=cache_dir))
             bar.update(1)
     k_overlap = min(cfg.overlap_k, per_layer[0]["indices"].shape[1])
     adjacent = np.array([idjax.data_overlap(per_layer[i]["indices"], per_layer[i + 1]["indices"], k_overlap)
@@ -212,6 +319,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
         "selection_branch": choice.branch, "estimator_agreement": estimator_agreement(per_layer, cfg),
         "selection_rule": choice.rule, "adjacent_overlap_k": k_overlap, "adjacent_overlap": adjacent.tolist(),
         "profile_seconds": time.perf_counter() - start,
+        "representations_identity": identity,
     }
     if labels is not None:
         arrays.update(label_ks=per_layer[0]["label_ks"],
@@ -226,34 +334,64 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     return summary, arrays
 
 
+def store_identity(reps: store.Representations, keep: np.ndarray) -> dict:
+    """What a cached result computed from these representations depends on: the store's fingerprint,
+    a content hash of every layer, and which points are kept (and their labels)."""
+    labels = None if reps.labels is None else np.asarray(reps.labels)[keep]
+    return {"store": reps.manifest.get("fingerprint"),
+            "layer_digests": [array_digest(x) for x in reps.layers],
+            "kept_digest": array_digest(np.asarray(keep, np.int64)),
+            "labels_digest": None if labels is None else array_digest(labels)}
+
+
 def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collections.ConfigDict,
-               overlap_k: int = 30) -> dict:
+               overlap_k: int = 30, *, cache_dir: pathlib.Path, identity: dict | None = None) -> dict:
     """Linear-probe and kNN-classifier accuracy per layer (labels required).
 
     With `cfg.remote_homology` and group labels in the store (SCOPe families), the kNN probe and a
     remote-homology label overlap skip neighbours of the query's own family, on the points whose
     superfamily spans at least two families (the only ones it can be measured on).
+
+    The linear probes and the neighbour probes are cached in `cache_dir`, each under the store's
+    identity (`store_identity`), the kept points and exactly the probe options it depends on.
     """
     from experiments import probe
 
+    identity = identity or store_identity(reps, keep)
     layers = probe.LayerRows(reps.layers, keep)  # one layer in memory at a time, not all of them
     labels = np.asarray(reps.labels)[keep]
     groups = reps.manifest["metadata"].get("groups")
     groups = None if groups is None or not cfg.remote_homology else np.asarray(groups)[keep]
     out = {}
     if cfg.linear:
-        out["linear_probe_accuracy"] = probe.linear_probe_accuracy(
-            layers, labels, steps=cfg.steps, seed=cfg.seed, test_fraction=cfg.test_fraction).tolist()
+        linear = cached(cache_dir / "probes_linear.npz",
+                        {"result": "linear_probe", **identity, **_options(cfg, PROBE_LINEAR_OPTIONS)},
+                        lambda: {"accuracy": probe.linear_probe_accuracy(
+                            layers, labels, steps=cfg.steps, seed=cfg.seed, test_fraction=cfg.test_fraction)})
+        out["linear_probe_accuracy"] = linear["accuracy"].tolist()
+
+    def neighbour_probes() -> dict:
+        rows, y, g = layers, labels, groups
+        result = {}
+        if g is not None:
+            subset = probe.remote_homology_subset(y, g)
+            if len(subset) < cfg.knn_k + 2:
+                raise ValueError(f"only {len(subset)} points have a superfamily spanning two families; "
+                                 "remote-homology probing needs more (lower data.min_class_size or add data)")
+            rows, y, g = rows.take_rows(subset), y[subset], g[subset]
+            result["remote_homology_points"] = len(subset)
+            result["remote_homology_label_overlap"] = probe.label_overlap_per_layer(rows, y, overlap_k, g)
+        result["knn_accuracy"] = probe.knn_accuracy(rows, y, k=cfg.knn_k, groups=g, test_fraction=None)
+        return result
+
+    key = {"result": "neighbour_probes", **identity, **_options(cfg, PROBE_NEIGHBOUR_OPTIONS),
+           "groups_digest": None if groups is None else array_digest(groups),
+           "overlap_k": None if groups is None else overlap_k}  # only the remote-homology overlap uses it
+    neighbours = cached(cache_dir / "probes_neighbours.npz", key, neighbour_probes)
     if groups is not None:
-        subset = probe.remote_homology_subset(labels, groups)
-        if len(subset) < cfg.knn_k + 2:
-            raise ValueError(f"only {len(subset)} points have a superfamily spanning two families; "
-                             "remote-homology probing needs more (lower data.min_class_size or add data)")
-        layers, labels, groups = layers.take_rows(subset), labels[subset], groups[subset]
-        out["remote_homology_points"] = int(len(subset))
-        overlap = probe.label_overlap_per_layer(layers, labels, overlap_k, groups)
-        out["remote_homology_label_overlap"] = overlap.tolist()
-    out["knn_accuracy"] = probe.knn_accuracy(layers, labels, k=cfg.knn_k, groups=groups, test_fraction=None).tolist()
+        out["remote_homology_points"] = int(neighbours["remote_homology_points"])
+        out["remote_homology_label_overlap"] = neighbours["remote_homology_label_overlap"].tolist()
+    out["knn_accuracy"] = neighbours["knn_accuracy"].tolist()
     out["knn_k"] = cfg.knn_k
     out["remote_homology"] = groups is not None
     key = "linear_probe_accuracy" if cfg.linear else "knn_accuracy"
@@ -269,7 +407,7 @@ def run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
     if reps.labels is None:
         raise ValueError(f"the representations in {workdir} have no labels to probe")
     keep, _ = _common_keep(reps.layers, config.profile.duplicates)
-    probes = run_probes(reps, keep, config.probe, config.profile.overlap_k)
+    probes = run_probes(reps, keep, config.probe, config.profile.overlap_k, cache_dir=workdir / "profile_layers")
     atomic_write_json(workdir / "probes.json", probes)
     print(f"best probe layer ({probes['best_probe_metric']}): {probes['best_probe_layer']}; {workdir / 'probes.json'}")
     return probes
@@ -282,7 +420,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     logging.info("profiling %d layers x %d examples (devices: %s)", len(reps.layers), len(reps.ids), jax.devices())
     summary, arrays = compute_profile(reps, config.profile, workdir / "profile_layers", seed=config.get("seed", 0))
     if reps.labels is not None and config.get("probe") and config.probe.enabled:
-        probes = run_probes(reps, arrays["kept_indices"], config.probe, config.profile.overlap_k)
+        probes = run_probes(reps, arrays["kept_indices"], config.probe, config.profile.overlap_k,
+                            cache_dir=workdir / "profile_layers", identity=summary["representations_identity"])
         summary["probes"] = probes
         for key in ("linear_probe_accuracy", "knn_accuracy", "remote_homology_label_overlap"):
             if key in probes:
@@ -292,8 +431,22 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                "label_names": meta.get("label_names"), **summary,
                "config": json.loads(config.to_json_best_effort())}
     atomic_save_npz(workdir / "profile.npz", **arrays)
-    atomic_write_json(workdir / "results.json", results)
-    figures = report.write_figures(workdir, [(results["name"], results, arrays)])
-    results["figures"] = [str(f) for f in figures]
+    # Figures are redrawn from these results on every run, and results.json (which lists them) is
+    # written last: a figure an earlier run drew and this one does not (e.g. label overlap, once the
+    # labels are gone) is removed rather than left beside results it does not show.
+    previous = _previous_figures(workdir / "results.json")
+    figures = [str(f) for f in report.write_figures(workdir, [(results["name"], results, arrays)])]
+    for stale in previous - {pathlib.Path(f).name for f in figures}:
+        (workdir / stale).unlink(missing_ok=True)
+    results["figures"] = figures
     atomic_write_json(workdir / "results.json", results)
     return results
+
+
+def _previous_figures(results_file: pathlib.Path) -> set[str]:
+    """File names of the figures an earlier results.json in this workdir lists (a workdir may have been
+    moved or copied since, so only the names count, taken in this workdir)."""
+    try:
+        return {pathlib.Path(f).name for f in json.loads(results_file.read_text()).get("figures", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()

@@ -5,13 +5,16 @@ Conventions (HF `ImageGPTImageProcessor`, OpenAI image-gpt): a palette is float3
 (squared Euclidean distance, ties to the lowest index); tokens run in raster order; de-quantization
 is rint(127.5 * (c + 1)).
 
-The official 512 clusters (`kmeans_centers.npy`, or `clusters` in `preprocessor_config.json`) are
-not available offline; `fit_palette` fits a replacement on the dataset (any size, e.g. 16 or 512).
+A pretrained checkpoint's colour ids mean the colours of the clusters it was trained with: a HF
+ImageGPT directory carries them as `clusters` in its `preprocessor_config.json` (OpenAI's release as
+`kmeans_centers.npy`); `checkpoint_palette` finds them. `fit_palette` fits a palette with k-means for a
+model trained here or from random init (any size, e.g. 16 or 512).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -79,6 +82,30 @@ def load_palette(path: PathLike) -> np.ndarray:
             raise PaletteError(f"{path}: not a readable .npy array ({err})") from err
         return _validate(array, str(path))
     raise PaletteError(f"{path}: expected a .json (HF preprocessor config) or .npy palette")
+
+
+def checkpoint_palette(directory: PathLike) -> pathlib.Path | None:
+    """The file holding a checkpoint directory's own colour clusters: its `preprocessor_config.json`
+    if that has `clusters`, else its `kmeans_centers.npy`; None when it has neither."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return None
+    config = directory / PREPROCESSOR_CONFIG
+    if config.is_file():
+        try:
+            has_clusters = json.loads(config.read_text()).get("clusters") is not None
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise PaletteError(f"{config} is not a valid preprocessor config ({err})") from err
+        if has_clusters:
+            return config
+    centers = directory / KMEANS_CENTERS
+    return centers if centers.is_file() else None
+
+
+def palette_digest(palette: np.ndarray) -> str:
+    """A short content hash of a palette (its float32 values), to record which colours were used."""
+    palette = np.ascontiguousarray(palette, dtype=np.float32)
+    return hashlib.sha256(repr(palette.shape).encode() + palette.tobytes()).hexdigest()[:16]
 
 
 def save_palette(path: PathLike, palette: np.ndarray) -> pathlib.Path:
