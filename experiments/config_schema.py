@@ -254,8 +254,9 @@ def problems(config: Mapping | ml_collections.ConfigDict, schema: Mapping[str, C
 def _cross_checks(values: dict[str, Any], prefix: str) -> list[str]:
     found = []
     k_max, rank = values.get("profile.k_max"), values.get("profile.gride_rank")
-    if values.get("profile.id_estimator") == "gride" and _is_int(rank) and _is_int(values.get("profile.gride_range_max")):
-        top = min(values["profile.gride_range_max"], k_max if _is_int(k_max) else rank)
+    range_max = values.get("profile.gride_range_max")
+    if values.get("profile.id_estimator") == "gride" and _is_int(rank) and _is_int(range_max):
+        top = min(range_max, k_max if _is_int(k_max) else rank)
         ranks = [2 ** i for i in range(1, 64) if 2 ** i <= top]
         if rank not in ranks:
             found.append(f"{prefix}profile.gride_rank={rank}: with id_estimator='gride' it must be one of the "
