@@ -243,7 +243,8 @@ def preflight(config, workdir: pathlib.Path) -> list[str]:
 def _model_problems(config) -> list[str]:
     model = config.model
     source, path = model.source, model.path
-    if source in ("random", "minilm") or (source == "trained" and config.get("training")):
+    if source in ("random", "minilm") or (source == "trained" and config.get("training")) \
+            or config.data.name == "arrays":
         return []
     if not path:
         return [f"config.model.path is empty, but model.source={source!r} reads a checkpoint: pass "

@@ -307,6 +307,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             )
         logging.info("representations already complete in %s; skipping extraction", directory)
         return manifest
+    if config.data.name == "arrays":  # the user's own per-layer arrays: no model
+        from experiments import array_data
+
+        return array_data.extract(config, directory, requested)
     examples = load_examples(config.data)
     if len(examples) < 3:
         raise ValueError(f"the dataset selection left {len(examples)} examples; need at least 3")

@@ -29,6 +29,7 @@ def _style(ax, xlabel: str, ylabel: str) -> None:
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
     fig.tight_layout()
     fig.savefig(path)
+    fig.savefig(path.with_suffix(".pdf"))  # vector copy for papers, beside the PNG
     plt.close(fig)
     return path
 
@@ -109,3 +110,50 @@ def write_figures(directory: pathlib.Path, runs: Sequence[Run], prefix: str = ""
     if len(runs) == 1:
         paths.append(plot_gride_scaling(runs[0], directory / f"{prefix}gride_scaling.png"))
     return [p for p in paths if p is not None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def summary_markdown(results: dict) -> str:
+    """Per-layer table (ID +- error, overlaps, probe, peak and selected layer) and the selection line."""
+    n_layers = len(results["id"])
+    names = results.get("layer_names") or [str(i) for i in range(n_layers)]
+    probes = results.get("probes", {})
+    probe_key = probes.get("best_probe_metric")
+    header = ["layer", f"ID ({results['id_estimator']}) +- err"]
+    label_column = None
+    if "label_overlap" in results:
+        label_column = results["label_ks"].index(results["best_overlap_k"])
+        header.append(f"overlap with labels (k={results['best_overlap_k']})")
+    header.append(f"overlap with next layer (k={results['adjacent_overlap_k']})")
+    if probe_key:
+        header.append(probe_key.replace("_", " "))
+    header.append("")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for layer in range(n_layers):
+        marks = []
+        if layer == results["peak_layer"]:
+            marks.append("peak")
+        if layer == results["selected_layer"]:
+            marks.append("**selected**")
+        row = [names[layer], f"{results['id'][layer]:.2f} +- {results['id_err'][layer]:.2f}"]
+        if label_column is not None:
+            row.append(_fmt(results["label_overlap"][layer][label_column]))
+        row.append(_fmt(results["adjacent_overlap"][layer]) if layer < n_layers - 1 else "")
+        if probe_key:
+            row.append(_fmt(probes[probe_key][layer]))
+        row.append(", ".join(marks))
+        lines.append("| " + " | ".join(row) + " |")
+    branch = results.get("selection_branch") or results.get("selection_rule", "")
+    lines.append("")
+    lines.append(f"Selected layer {names[results['selected_layer']]} (peak {names[results['peak_layer']]}); "
+                 f"rule: {branch}. {results['n_points']} points"
+                 + (f", {results['n_duplicates_dropped']} duplicates dropped" if results.get("n_duplicates_dropped")
+                    else "") + ".")
+    return "\n".join(lines)
