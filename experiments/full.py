@@ -36,13 +36,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
 
 def _print_summary(results: dict, workdir: pathlib.Path) -> None:
-    ids = ", ".join(f"{v:.1f}" for v in results["id"])
-    print(f"\nID profile ({results['id_estimator']}, {results['n_points']} points): [{ids}]")
-    print(f"peak layer {results['peak_layer']}, selected layer (relative ID minimum): {results['selected_layer']}")
+    """The profile job already printed the per-layer table; this adds the layers the checks pick."""
     if "best_overlap_layer" in results:
         print(f"best label-overlap layer (k={results['best_overlap_k']}): {results['best_overlap_layer']}")
     if "probes" in results:
         p = results["probes"]
         print(f"best probe layer ({p['best_probe_metric']}): {p['best_probe_layer']}")
-    print(f"results: {workdir / 'results.json'}, arrays: {workdir / 'profile.npz'}")
-    print("figures: " + ", ".join(results.get("figures", [])))
+    print(f"arrays: {workdir / 'profile.npz'}; figures (PNG + PDF): " + ", ".join(results.get("figures", [])))

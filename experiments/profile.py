@@ -226,7 +226,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     workdir = pathlib.Path(workdir)
     reps = store.load(store.store_dir(workdir))
     logging.info("profiling %d layers x %d examples (devices: %s)", len(reps.layers), len(reps.ids), jax.devices())
+    job_start = time.perf_counter()
     summary, arrays = compute_profile(reps, config.profile, workdir / "profile_layers", seed=config.get("seed", 0))
+    probe_start = time.perf_counter()
     if reps.labels is not None and config.get("probe") and config.probe.enabled:
         probes = run_probes(reps, arrays["kept_indices"], config.probe, config.profile.overlap_k)
         summary["probes"] = probes
@@ -237,9 +239,15 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     results = {"name": config.get("name", workdir.name), "model": meta.get("model"), "data": meta.get("data"),
                "label_names": meta.get("label_names"), **summary,
                "config": json.loads(config.to_json_best_effort())}
+    results["provenance"] = report.provenance(results["config"])
+    results["wall_seconds"] = {"extract": meta.get("extract_seconds"), "profile": probe_start - job_start,
+                               "probes": time.perf_counter() - probe_start}
     atomic_save_npz(workdir / "profile.npz", **arrays)
     atomic_write_json(workdir / "results.json", results)
     figures = report.write_figures(workdir, [(results["name"], results, arrays)])
     results["figures"] = [str(f) for f in figures]
+    report.write_report_md(workdir, results, figures)
     atomic_write_json(workdir / "results.json", results)
+    print("\n" + report.summary_markdown(results))
+    print(f"results: {workdir / 'results.json'}, report: {workdir / 'report.md'}")
     return results

@@ -157,3 +157,72 @@ def summary_markdown(results: dict) -> str:
                  + (f", {results['n_duplicates_dropped']} duplicates dropped" if results.get("n_duplicates_dropped")
                     else "") + ".")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Provenance and report.md
+
+
+def provenance(config_json: dict | None = None) -> dict:
+    """What produced a result: idjax version, git commit, jax/flax versions, devices, config hash."""
+    import hashlib
+    import json
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    import idjax
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    try:
+        import jax
+
+        devices = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
+    except Exception as err:  # a broken accelerator setup must not lose the result
+        devices = [f"unavailable: {err}"]
+    out = {"idjax_version": idjax.__version__, "git_commit": commit, "git_dirty": dirty,
+           "jax_version": version("jax"), "jaxlib_version": version("jaxlib"), "flax_version": version("flax"),
+           "numpy_version": version("numpy"), "python": platform.python_version(), "devices": devices,
+           "host": platform.node()}
+    if config_json is not None:
+        out["config_hash"] = hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()[:16]
+    return out
+
+
+def write_report_md(directory: pathlib.Path, results: dict, figures: Sequence[pathlib.Path]) -> pathlib.Path:
+    """report.md beside the figures: the summary table, the figures, provenance and the config."""
+    import json
+
+    from idjax.files import atomic_write_text
+
+    directory = pathlib.Path(directory)
+    lines = [f"# {results.get('name', 'profile')}", ""]
+    if results.get("model") or results.get("data"):
+        lines += [f"Model: `{json.dumps(results.get('model'))}`  ", f"Data: `{json.dumps(results.get('data'))}`", ""]
+    lines += [summary_markdown(results), ""]
+    for figure in figures:
+        figure = pathlib.Path(figure)
+        lines += [f"![{figure.stem}]({figure.name}) ([PDF]({figure.with_suffix('.pdf').name}))", ""]
+    prov = results.get("provenance")
+    if prov:
+        lines += ["## Provenance", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in prov.items()]
+        lines.append("")
+    if results.get("config"):
+        lines += ["## Config", "", "```json", json.dumps(results["config"], indent=2, default=str), "```", ""]
+    path = directory / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
