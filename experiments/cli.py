@@ -392,6 +392,22 @@ def main(argv: Sequence[str]) -> None:
         fail(_user_message(err), code=1)
 
 
+def resolve_shipped_config(argv: list[str]) -> list[str]:
+    """`--config=configs/demo.py` names the shipped file when no such file exists here (installed idjax,
+    or a run from another directory)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            path, sep, rest = arg.removeprefix("--config=").partition(":")
+            shipped = CONFIG_DIR / pathlib.Path(path).name
+            if not pathlib.Path(path).exists() and pathlib.Path(path).parent.name in ("configs", "") \
+                    and shipped.is_file():
+                arg = f"--config={shipped}{sep}{rest}"
+        out.append(arg)
+    return out
+
+
 def launch(argv: Sequence[str] | None = None) -> None:
     """Runs the command line (`argv[0]` is the program name)."""
-    app.run(main, argv=list(sys.argv if argv is None else argv), flags_parser=parse_flags)
+    argv = resolve_shipped_config(list(sys.argv if argv is None else argv))
+    app.run(main, argv=argv, flags_parser=parse_flags)
