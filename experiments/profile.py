@@ -107,6 +107,26 @@ def chosen_id(metrics: dict, cfg: ml_collections.ConfigDict) -> tuple[float, flo
     raise ValueError(f"unknown id_estimator {cfg.id_estimator!r}: twonn, twonn_decimated, gride")
 
 
+def overlap_uncertainty(per_layer: list[dict], labels: np.ndarray | None, k_overlap: int) -> tuple[dict, dict]:
+    """Standard errors over points of the mean overlaps (std / sqrt(N): the limit of a bootstrap over
+    points) and the chance levels: a random neighbour shares the label with probability sum_c p_c^2,
+    and always guessing the largest class scores max_c p_c."""
+    n = per_layer[0]["indices"].shape[0]
+    adjacent_err = np.array([
+        np.std(np.asarray(idjax.data_overlap(a["indices"], b["indices"], k_overlap, per_point=True))) / np.sqrt(n)
+        for a, b in zip(per_layer[:-1], per_layer[1:], strict=True)])
+    arrays, summary = {"adjacent_overlap_err": adjacent_err}, {"adjacent_overlap_err": adjacent_err.tolist()}
+    if labels is not None:
+        ks = [int(k) for k in per_layer[0]["label_ks"]]
+        label_err = np.array([[np.std(np.asarray(idjax.label_overlap(m["indices"], labels, k, per_point=True)))
+                               / np.sqrt(n) for k in ks] for m in per_layer])
+        p = np.bincount(np.asarray(labels)) / len(labels)
+        arrays["label_overlap_err"] = label_err
+        summary.update(label_overlap_err=label_err.tolist(), chance_label_overlap=float(np.sum(p ** 2)),
+                       chance_accuracy=float(p.max()))
+    return arrays, summary
+
+
 def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict, cache_dir: pathlib.Path,
                     seed: int = 0) -> tuple[dict, dict]:
     """Per-layer metrics (resumable through `cache_dir`), adjacent-layer overlaps and the selection.
@@ -133,6 +153,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     adjacent = np.array([idjax.data_overlap(per_layer[i]["indices"], per_layer[i + 1]["indices"], k_overlap)
                          for i in range(n_layers - 1)])
     ids, errs = map(np.array, zip(*[chosen_id(m, cfg) for m in per_layer], strict=True))
+    extra_arrays, extra_summary = overlap_uncertainty(per_layer, labels, k_overlap)
     choice = select_layer(ids, errs, window=cfg.selection_window, min_drop=cfg.selection_min_drop,
                           min_rise=cfg.selection_min_rise, z=cfg.selection_z)
 
@@ -145,7 +166,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
         "gride_ranks": per_layer[0]["gride_ranks"],
         "gride_scales": np.stack([m["gride_scales"] for m in per_layer]),
         "adjacent_overlap": adjacent, "kept_indices": keep,
-        "relative_depth": np.arange(n_layers) / (n_layers - 1),
+        "relative_depth": np.arange(n_layers) / (n_layers - 1), **extra_arrays,
     }
     if cfg.decimation:
         arrays.update(decimation_ids=np.stack([m["decimation_ids"] for m in per_layer]),
@@ -157,7 +178,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
         "duplicates_per_layer": dup_per_layer, "id_estimator": cfg.id_estimator,
         "id": ids.tolist(), "id_err": errs.tolist(), "peak_layer": choice.peak, "selected_layer": choice.selected,
         "selection_rule": choice.rule, "adjacent_overlap_k": k_overlap, "adjacent_overlap": adjacent.tolist(),
-        "profile_seconds": time.perf_counter() - start,
+        "profile_seconds": time.perf_counter() - start, **extra_summary,
     }
     if labels is not None:
         arrays.update(label_ks=per_layer[0]["label_ks"],

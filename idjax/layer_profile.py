@@ -153,10 +153,8 @@ def _labels(labels: Any, n: int) -> tuple[np.ndarray | None, list[str] | None]:
     values = _to_numpy(labels, "labels")
     if values.ndim != 1 or len(values) != n:
         raise ValueError(f"labels have shape {values.shape}; expected ({n},), one per point")
-    if np.issubdtype(values.dtype, np.integer):
-        return values.astype(np.int64), None
-    names, codes = np.unique(values, return_inverse=True)
-    return codes.astype(np.int64), [str(v) for v in names]
+    names, codes = np.unique(values, return_inverse=True)  # codes 0..C-1 (overlaps only compare labels)
+    return codes.astype(np.int64), (None if np.issubdtype(values.dtype, np.integer) else [str(v) for v in names])
 
 
 def options_config(**options: Any):
