@@ -344,7 +344,7 @@ class _QuietLibraries(std_logging.Filter):
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         return record.levelno >= std_logging.WARNING or not any(
-            part in record.pathname for part in ("/orbax/", "/jax/_src/", "/etils/"))
+            part in record.pathname for part in ("/orbax/", "/jax/_src/", "/etils/", "/fontTools/"))
 
 
 def _user_message(err: BaseException) -> str:

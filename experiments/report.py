@@ -256,6 +256,9 @@ def summary_markdown(results: dict) -> str:
                  f"rule: {branch}. {results['n_points']} points"
                  + (f", {results['n_duplicates_dropped']} duplicates dropped" if results.get("n_duplicates_dropped")
                     else "") + ".")
+    if "chance_label_overlap" in results:
+        lines.append(f"Chance: overlap with labels {results['chance_label_overlap']:.3f}, "
+                     f"accuracy {results['chance_accuracy']:.3f} (majority class).")
     return "\n".join(lines)
 
 
