@@ -39,8 +39,8 @@ def _style(ax, xlabel: str, ylabel: str) -> None:
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
     fig.tight_layout()
-    fig.savefig(path)
-    fig.savefig(path.with_suffix(".pdf"))  # vector copy for papers, beside the PNG
+    fig.savefig(path, bbox_inches="tight")  # keeps a legend placed below the axes
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")  # vector copy for papers, beside the PNG
     plt.close(fig)
     return path
 
@@ -87,13 +87,14 @@ def _colours(runs: Sequence[Run]) -> list:
     return [plt.cm.tab10(i % 10) for i in range(len(runs))]
 
 
-def _band(ax, x: float, colour) -> None:
-    ax.axvspan(x - 0.25 if x >= 1 or x == 0 else x - 0.01, x + 0.25 if x >= 1 or x == 0 else x + 0.01,
-               color=colour, alpha=0.12, lw=0)
+def _band(ax, x: np.ndarray, layer: int, colour) -> None:
+    """A light band a quarter of a layer spacing to each side of `layer` (x: the run's layer positions)."""
+    half = 0.25 * (x[1] - x[0])
+    ax.axvspan(x[layer] - half, x[layer] + half, color=colour, alpha=0.12, lw=0)
 
 
 def plot_id(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
-    fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT + (0.5 if len(runs) > 2 else 0)))
+    fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
     for (name, results, arrays), colour in zip(runs, _colours(runs), strict=True):
         x = _x(runs, arrays)
         ax.errorbar(x, arrays["id"], yerr=arrays["id_err"], marker="o", ms=3, capsize=2, lw=1.2, color=colour,
@@ -123,7 +124,7 @@ def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path 
         return None
     probed = any(k in a for _, _, a in runs for k in ("linear_probe_accuracy", "knn_accuracy"))
     fig, axes = plt.subplots(1, 2 if probed else 1, figsize=(2 * WIDTH if probed else WIDTH,
-                                                             HEIGHT + (0.5 if len(runs) > 2 else 0)), squeeze=False)
+                                                             HEIGHT), squeeze=False)
     ax = axes[0, 0]
     overlap_values, chances = [], []
     for (name, results, arrays), colour in zip(runs, _colours(runs), strict=True):
@@ -132,7 +133,7 @@ def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path 
         y = arrays["label_overlap"][:, k_index]
         err = arrays["label_overlap_err"][:, k_index] if "label_overlap_err" in arrays else None
         ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, lw=1.2, color=colour, label=name)
-        _band(ax, x[results["selected_layer"]], colour)
+        _band(ax, x, results["selected_layer"], colour)
         overlap_values.append(y if err is None else np.concatenate([y - err, y + err]))
         if "chance_label_overlap" in results:
             chances.append(results["chance_label_overlap"])
@@ -153,7 +154,7 @@ def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path 
                     ax.plot(x, arrays[key], ls=style, marker="o", ms=2.5, lw=1.2, color=colour,
                             label=label if len(runs) == 1 else f"{name}: {label}")
                     values.append(arrays[key])
-            _band(ax, x[results["selected_layer"]], colour)
+            _band(ax, x, results["selected_layer"], colour)
             if "chance_accuracy" in results:
                 chances.append(results["chance_accuracy"])
                 ax.axhline(results["chance_accuracy"], **CHANCE_STYLE)
@@ -165,7 +166,7 @@ def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path 
 
 
 def plot_adjacent_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
-    fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT + (0.5 if len(runs) > 2 else 0)))
+    fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
     values = []
     for (name, _, arrays), colour in zip(runs, _colours(runs), strict=True):
         x = _x(runs, arrays)[1:]
