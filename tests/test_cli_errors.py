@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import base, demo, esm2, igpt, minilm, synthetic, train_esm2_tiny, train_igpt_tiny
+from configs import arrays, base, demo, esm2, igpt, minilm, synthetic, train_esm2_tiny, train_igpt_tiny
 from experiments import config_schema
 from tests.conftest import REPO_ROOT
 
@@ -25,10 +25,11 @@ def shipped_configs():
     return [base.analysis_config(), demo.get_config(), esm2.get_config("8M"), esm2.get_config("tiny"),
             igpt.get_config("s"), igpt.get_config("tiny"), minilm.get_config(), synthetic.get_config(),
             train_esm2_tiny.get_config(), train_esm2_tiny.get_config("gpu"), train_igpt_tiny.get_config(),
-            train_igpt_tiny.get_config("gpu,cifar10"), train_igpt_tiny.get_config("mnist")]
+            train_igpt_tiny.get_config("gpu,cifar10"), train_igpt_tiny.get_config("mnist"),
+            arrays.get_config("layers/")]
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(14))
 def test_every_shipped_config_is_valid_and_fully_described(index):
     config = shipped_configs()[index]
     assert config_schema.problems(config) == []
