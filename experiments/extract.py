@@ -59,6 +59,9 @@ def _select(n: int, labels: np.ndarray | None, cfg: ml_collections.ConfigDict) -
     if labels is not None and cfg.get("min_class_size"):
         counts = np.bincount(labels)
         keep = keep[counts[labels[keep]] >= cfg.min_class_size]
+        if len(keep) == 0:
+            raise ValueError(f"no class has data.min_class_size={cfg.min_class_size} members (the largest has "
+                             f"{counts.max()}): lower --config.data.min_class_size or use a larger dataset")
     if labels is not None and cfg.get("per_class"):
         chosen = []
         for c in np.unique(labels[keep]):

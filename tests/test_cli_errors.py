@@ -128,3 +128,22 @@ def test_print_config_and_help(tmp_path):
     assert out.returncode == 0
     for name in ("configs/esm2.py", "configs/igpt.py", "configs/demo.py", "--print_config", "650M"):
         assert name in out.stdout
+
+
+def test_missing_checkpoint_files_and_empty_selection(tmp_path, shared_data):
+    """Errors found while a job runs (after its log lines) still end in two lines naming the file and fix."""
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text((shared_data / "configs" / "esm2_t6_8M_UR50D" / "config.json").read_text())
+    fasta = tmp_path / "s.fa"
+    fasta.write_text(">d1a a.1.1.1 (A:) x\nMKTAYIAKQRQISF\n>d1b a.1.1.1 (B:) y\nMSLLTEVETPIRNEW\n"
+                     ">d1c b.1.1.1 (C:) z\nMKKLLPTAAAGLLL\n")
+    common = ["--config=configs/esm2.py:8M", f"--config.model.path={checkpoint}", f"--config.data.path={fasta}"]
+    for extra, needles in ((["--config.data.min_class_size=0"], ["neither model.safetensors", str(checkpoint)]),
+                           ([], ["data.min_class_size=20", "lower --config.data.min_class_size"])):
+        out = run_launch(*common, f"--workdir={tmp_path / 'wd'}", *extra)
+        last = out.stderr.strip().splitlines()[-2:]
+        assert out.returncode != 0 and last[0].startswith("error: ") and "--verbose" in last[1], out.stderr
+        for needle in needles:
+            assert needle in last[0], (needle, last)
+        assert "Traceback" not in out.stderr
