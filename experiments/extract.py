@@ -59,6 +59,9 @@ def _select(n: int, labels: np.ndarray | None, cfg: ml_collections.ConfigDict) -
     if labels is not None and cfg.get("min_class_size"):
         counts = np.bincount(labels)
         keep = keep[counts[labels[keep]] >= cfg.min_class_size]
+        if len(keep) == 0:
+            raise ValueError(f"no class has data.min_class_size={cfg.min_class_size} members (the largest has "
+                             f"{counts.max()}): lower --config.data.min_class_size or use a larger dataset")
     if labels is not None and cfg.get("per_class"):
         chosen = []
         for c in np.unique(labels[keep]):
@@ -358,6 +361,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             )
         logging.info("representations already complete in %s; skipping extraction", directory)
         return manifest
+    if config.data.name == "arrays":  # the user's own per-layer arrays: no model
+        from experiments import array_data
+
+        return array_data.extract(config, directory, requested)
     examples = load_examples(config.data)
     if len(examples) < 3:
         raise ValueError(f"the dataset selection left {len(examples)} examples; need at least 3")

@@ -36,6 +36,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
 
 def _print_summary(results: dict, workdir: pathlib.Path) -> None:
+    """After the profile job's per-layer table: the selection, estimator agreement and the checks' layers."""
     ids = ", ".join(f"{v:.1f}" for v in results["id"])
     print(f"\nID profile ({results['id_estimator']}, {results['n_points']} points): [{ids}]")
     print(f"peak layer {results['peak_layer']}, selected layer: {results['selected_layer']} "
@@ -48,5 +49,4 @@ def _print_summary(results: dict, workdir: pathlib.Path) -> None:
     if "probes" in results:
         p = results["probes"]
         print(f"best probe layer ({p['best_probe_metric']}): {p['best_probe_layer']}")
-    print(f"results: {workdir / 'results.json'}, arrays: {workdir / 'profile.npz'}")
-    print("figures: " + ", ".join(results.get("figures", [])))
+    print(f"arrays: {workdir / 'profile.npz'}; figures (PNG + PDF): " + ", ".join(results.get("figures", [])))

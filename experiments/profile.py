@@ -270,6 +270,26 @@ def estimator_agreement(per_layer: list[dict], cfg: ml_collections.ConfigDict) -
             "max_spread_layer": int(np.argmax(spread))}
 
 
+def overlap_uncertainty(per_layer: list[dict], labels: np.ndarray | None, k_overlap: int) -> tuple[dict, dict]:
+    """Standard errors over points of the mean overlaps (std / sqrt(N): the limit of a bootstrap over
+    points) and the chance levels: a random neighbour shares the label with probability sum_c p_c^2,
+    and always guessing the largest class scores max_c p_c."""
+    n = per_layer[0]["indices"].shape[0]
+    adjacent_err = np.array([
+        np.std(np.asarray(idjax.data_overlap(a["indices"], b["indices"], k_overlap, per_point=True))) / np.sqrt(n)
+        for a, b in zip(per_layer[:-1], per_layer[1:], strict=True)])
+    arrays, summary = {"adjacent_overlap_err": adjacent_err}, {"adjacent_overlap_err": adjacent_err.tolist()}
+    if labels is not None:
+        ks = [int(k) for k in per_layer[0]["label_ks"]]
+        label_err = np.array([[np.std(np.asarray(idjax.label_overlap(m["indices"], labels, k, per_point=True)))
+                               / np.sqrt(n) for k in ks] for m in per_layer])
+        p = np.bincount(np.asarray(labels)) / len(labels)
+        arrays["label_overlap_err"] = label_err
+        summary.update(label_overlap_err=label_err.tolist(), chance_label_overlap=float(np.sum(p ** 2)),
+                       chance_accuracy=float(p.max()))
+    return arrays, summary
+
+
 def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict, cache_dir: pathlib.Path,
                     seed: int = 0) -> tuple[dict, dict]:
     """Per-layer metrics (resumable through `cache_dir`), adjacent-layer overlaps and the selection.
@@ -293,6 +313,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     adjacent = np.array([idjax.data_overlap(per_layer[i]["indices"], per_layer[i + 1]["indices"], k_overlap)
                          for i in range(n_layers - 1)])
     ids, errs = map(np.array, zip(*[chosen_id(m, cfg) for m in per_layer], strict=True))
+    extra_arrays, extra_summary = overlap_uncertainty(per_layer, labels, k_overlap)
     choice = select_layer(ids, errs, z=cfg.selection_z, min_drop=cfg.selection_min_drop,
                           min_rise=cfg.selection_min_rise, min_plateau=cfg.selection_min_plateau)
 
@@ -305,7 +326,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
         "gride_ranks": per_layer[0]["gride_ranks"],
         "gride_scales": np.stack([m["gride_scales"] for m in per_layer]),
         "adjacent_overlap": adjacent, "kept_indices": keep,
-        "relative_depth": np.arange(n_layers) / (n_layers - 1),
+        "relative_depth": np.arange(n_layers) / (n_layers - 1), **extra_arrays,
     }
     if cfg.decimation:
         arrays.update(decimation_ids=np.stack([m["decimation_ids"] for m in per_layer]),
@@ -318,7 +339,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
         "id": ids.tolist(), "id_err": errs.tolist(), "peak_layer": choice.peak, "selected_layer": choice.selected,
         "selection_branch": choice.branch, "estimator_agreement": estimator_agreement(per_layer, cfg),
         "selection_rule": choice.rule, "adjacent_overlap_k": k_overlap, "adjacent_overlap": adjacent.tolist(),
-        "profile_seconds": time.perf_counter() - start,
+        "profile_seconds": time.perf_counter() - start, **extra_summary,
         "representations_identity": identity,
     }
     if labels is not None:
@@ -418,7 +439,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     workdir = pathlib.Path(workdir)
     reps = store.load(store.store_dir(workdir))
     logging.info("profiling %d layers x %d examples (devices: %s)", len(reps.layers), len(reps.ids), jax.devices())
+    job_start = time.perf_counter()
     summary, arrays = compute_profile(reps, config.profile, workdir / "profile_layers", seed=config.get("seed", 0))
+    probe_start = time.perf_counter()
     if reps.labels is not None and config.get("probe") and config.probe.enabled:
         probes = run_probes(reps, arrays["kept_indices"], config.probe, config.profile.overlap_k,
                             cache_dir=workdir / "profile_layers", identity=summary["representations_identity"])
@@ -430,6 +453,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     results = {"name": config.get("name", workdir.name), "model": meta.get("model"), "data": meta.get("data"),
                "label_names": meta.get("label_names"), **summary,
                "config": json.loads(config.to_json_best_effort())}
+    results["provenance"] = report.provenance(results["config"])
+    results["wall_seconds"] = {"extract": meta.get("extract_seconds"), "profile": probe_start - job_start,
+                               "probes": time.perf_counter() - probe_start}
     atomic_save_npz(workdir / "profile.npz", **arrays)
     # Figures are redrawn from these results on every run, and results.json (which lists them) is
     # written last: a figure an earlier run drew and this one does not (e.g. label overlap, once the
@@ -439,7 +465,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     for stale in previous - {pathlib.Path(f).name for f in figures}:
         (workdir / stale).unlink(missing_ok=True)
     results["figures"] = figures
+    report.write_report_md(workdir, results, [pathlib.Path(f) for f in figures])
     atomic_write_json(workdir / "results.json", results)
+    print("\n" + report.summary_markdown(results))
+    print(f"results: {workdir / 'results.json'}, report: {workdir / 'report.md'}")
     return results
 
 

@@ -44,6 +44,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from experiments import tensorboard
 from idjax.files import atomic_write_text
 from models import esm2, igpt
 from models import palette as palette_lib
@@ -64,6 +65,7 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
+    tensorboard.write_scalars(path.parent / "tensorboard", record)  # the same curves for TensorBoard
 
 
 def read_metrics(workdir: pathlib.Path | str) -> list[dict]:

@@ -67,4 +67,4 @@ def test_overrides_and_unknown_experiment(tmp_path):
     assert manifest["n_examples"] == 150 and not (tmp_path / "wd" / "results.json").exists()
     out = run_launch(f"--config={config_file}", f"--workdir={tmp_path / 'wd2'}", "--config.experiment=nope",
                      cwd=REPO_ROOT)
-    assert out.returncode != 0 and "unknown experiment 'nope'" in out.stderr
+    assert out.returncode != 0 and "config.experiment='nope': must be one of" in out.stderr

@@ -1,0 +1,413 @@
+"""The command line behind `launch.py` and `idjax run`.
+
+`launch.py --config=configs/X.py:arg --workdir=DIR [--config.key=value ...] [--sweep] [--print_config]`
+
+Dispatches on `config.experiment`: extract | profile | probe | train | full | synthetic. With
+`--sweep`, the config file's `get_sweep(arg)` gives a list of runs (name + flattened overrides such
+as {"model.path": ..., "profile.k_max": 32}); each runs in DIR/<name>, one after another (each
+resumable), and their profiles are then overlaid in DIR/sweep_*.pdf/png and summarised in DIR/sweep.json.
+
+Every mistake a user can make (a flag, an override key or value, a path, missing data or checkpoint
+files) is reported in at most two lines on stderr that name the flag or file and the fix; the
+traceback is shown only with `--verbose` or IDJAX_DEBUG=1. The whole resolved config is validated
+(experiments/config_schema.py) before any work starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib
+import importlib.util
+import json
+import logging as std_logging
+import os
+import pathlib
+import sys
+import traceback
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import config_schema
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and figures.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run every entry of the config file's get_sweep(arg).")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (after overrides) and exit.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors (also IDJAX_DEBUG=1).")
+
+EXPERIMENTS = {
+    "extract": ("experiments.extract", "run"),
+    "profile": ("experiments.profile", "run"),
+    "probe": ("experiments.profile", "run_probe_only"),
+    "train": ("experiments.train", "run"),
+    "full": ("experiments.full", "run"),
+    "synthetic": ("experiments.synthetic", "run"),
+}
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# Errors a user can act on (bad values, paths, data, checkpoints, memory); anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, OSError, MemoryError, app.UsageError, RuntimeError)
+
+
+class UserError(Exception):
+    """A mistake in the command line or config; the message names the flag or file and the fix."""
+
+
+def _debug() -> bool:
+    return os.environ.get("IDJAX_DEBUG", "") not in ("", "0") or "--verbose" in sys.argv
+
+
+def _one_line(message: str, limit: int = 700) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Exits with `error: message` and, on a second line, how to see more (never a traceback)."""
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    print("(rerun with --verbose or IDJAX_DEBUG=1 for the traceback; --help lists the flags and configs)",
+          file=sys.stderr)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Help
+
+
+def _config_summary(path: pathlib.Path) -> tuple[str, list[str]]:
+    """First docstring line of a config file and the docstring lines that describe its `arg`."""
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return "", []
+    doc = ast.get_docstring(tree) or ""
+    lines = [line.strip() for line in doc.splitlines() if line.strip()]
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "get_config":
+            lines += [line.strip() for line in (ast.get_docstring(node) or "").splitlines() if line.strip()]
+    args = [line for line in lines[1:] if line.startswith(("arg", "--config=", "`--config=")) or ":arg" in line]
+    return (lines[0] if lines else ""), args
+
+
+def shipped_configs_help() -> str:
+    out = ["shipped configs (--config=PATH[:arg]):"]
+    for path in sorted(CONFIG_DIR.glob("*.py")):
+        if path.stem in ("__init__", "base"):
+            continue
+        title, args = _config_summary(path)
+        out.append(f"  configs/{path.name:<22} {title}")
+        out += [f"      {line}" for line in args]
+    return "\n".join(out)
+
+
+USAGE = """usage: launch.py --config=configs/X.py[:arg] --workdir=DIR [--config.KEY=VALUE ...] [flags]
+       (installed: idjax run --config=... --workdir=...)
+
+flags:
+  --config=PATH[:arg]   the experiment config file; `arg` is passed to its get_config(arg)
+  --config.KEY=VALUE    override one key, e.g. --config.profile.k_max=32 --config.model.path=/ckpt/esm2
+  --workdir=DIR         results, checkpoints and figures (every stage resumes there)
+  --sweep               run each entry of the config file's get_sweep(arg) in DIR/<name> and overlay them
+  --print_config        print the resolved config (after overrides) and exit
+  --verbose             full tracebacks for errors (also IDJAX_DEBUG=1)
+  --helpfull            every absl flag, including library ones
+
+config.experiment: extract | profile | probe | train | full | synthetic
+"""
+
+
+def print_help() -> None:
+    print(USAGE)
+    print(shipped_configs_help())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flag parsing with errors a person can act on
+
+
+def _config_arg(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _overrides(argv: Sequence[str]) -> list[str]:
+    keys = []
+    for arg in argv:
+        if arg.startswith(("--config.", "--noconfig.")):
+            keys.append(arg.split("=", 1)[0].removeprefix("--").removeprefix("no").removeprefix("config."))
+    return keys
+
+
+def _load_config_file(config_arg: str):
+    """The config file's get_config(arg), loaded as config_flags would (for explaining errors)."""
+    path, _, arg = config_arg.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        known = ", ".join(f"configs/{p.name}" for p in sorted(CONFIG_DIR.glob("*.py"))
+                          if p.stem not in ("__init__", "base"))
+        raise UserError(f"--config={config_arg}: no such file {file.resolve()}; shipped configs: {known}")
+    spec = importlib.util.spec_from_file_location("explained_config", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        return module.get_config(arg or None) if arg else module.get_config()
+    except Exception as err:  # the file's own error, with its location
+        raise UserError(f"--config={config_arg}: loading it failed: {type(err).__name__}: {err}") from err
+
+
+def _explain_parse_error(argv: Sequence[str], err: Exception) -> str:
+    if isinstance(err, flags.Error) and "config file" not in str(err):
+        return str(err)
+    config_arg = _config_arg(argv)
+    if config_arg is None:
+        return f"{type(err).__name__}: {err}"
+    try:
+        config = _load_config_file(config_arg)
+    except UserError as user_error:
+        return str(user_error)
+    known = set(config_schema.flatten(config))
+    for key in _overrides(argv):
+        parents = {k.rsplit(".", 1)[0] for k in known if "." in k}
+        if key not in known and key not in parents and not any(key.startswith(f"{k}.") for k in known):
+            return (f"--config.{key}: the config has no key {key!r}{config_schema.suggest(key, known)}; "
+                    "--print_config lists every key")
+    return f"--config={config_arg}: {type(err).__name__}: {err}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with --help answered here and every parse error turned into two lines."""
+    if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in argv[1:]):
+        print_help()
+        sys.exit(0)
+    try:
+        return FLAGS(argv)
+    except Exception as err:
+        if _debug():
+            traceback.print_exc()
+        fail(_explain_parse_error(argv, err))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks before any work
+
+
+def _shared_data() -> pathlib.Path:
+    from configs import base
+
+    return base.SHARED_DATA
+
+
+def _missing_file_message(path: str | pathlib.Path, key: str) -> str:
+    path = pathlib.Path(path)
+    shared = _shared_data()
+    if str(path).startswith(str(shared)):
+        return (f"{key}: {path} not found. Shared datasets are read from $IDJAX_SHARED_DATA (now {shared}): "
+                f"set IDJAX_SHARED_DATA to the directory holding them, or pass --{key}=FILE")
+    return f"{key}: {path} not found; pass --{key}=<an existing path>"
+
+
+def _store_complete(workdir: pathlib.Path) -> bool:
+    return (workdir / "representations" / "manifest.json").is_file()
+
+
+def preflight(config, workdir: pathlib.Path) -> list[str]:
+    """Every problem found before any work: config values, then the files the job will read."""
+    found = config_schema.problems(config)
+    if found:
+        return found
+    experiment = config.experiment
+    if experiment in ("extract", "full") and not _store_complete(workdir):
+        found += _model_problems(config)
+        found += _data_problems(config.data)
+    if experiment in ("profile", "probe") and not _store_complete(workdir):
+        found.append(f"--workdir={workdir}: no finished representations in {workdir / 'representations'}; "
+                     "run --config.experiment=extract (or full) there first")
+    if experiment == "train":
+        data = config.data
+        if data.get("fasta") and not pathlib.Path(data.fasta).exists():
+            found.append(_missing_file_message(data.fasta, "config.data.fasta"))
+        if data.get("root") and not pathlib.Path(data.root).exists():
+            found.append(_missing_file_message(data.root, "config.data.root"))
+    return found
+
+
+def _model_problems(config) -> list[str]:
+    model = config.model
+    source, path = model.source, model.path
+    if source in ("random", "minilm") or (source == "trained" and config.get("training")) \
+            or config.data.name == "arrays":
+        return []
+    if not path:
+        return [f"config.model.path is empty, but model.source={source!r} reads a checkpoint: pass "
+                "--config.model.path=<checkpoint directory or file> (or --config.model.source=random)"]
+    p = pathlib.Path(path)
+    if not p.exists():
+        return [f"config.model.path={path}: no such file or directory; pass the checkpoint's location"]
+    if source == "hf" and p.is_dir() and not (p / "config.json").is_file():
+        return [f"config.model.path={path} has no config.json: model.source='hf' expects a Hugging Face "
+                "checkpoint directory (config.json + *.safetensors)"]
+    if source == "fair_esm" and p.is_dir():
+        return [f"config.model.path={path} is a directory: model.source='fair_esm' expects the .pt file"]
+    return []
+
+
+def _data_problems(data) -> list[str]:
+    if data.name in ("scope", "uniprot", "scope_text", "arrays"):
+        if not data.path:
+            return [f"config.data.path is empty: data.name={data.name!r} reads a file; pass --config.data.path=..."]
+        if not pathlib.Path(data.path).exists():
+            return [_missing_file_message(data.path, "config.data.path")]
+    elif data.get("root") and not pathlib.Path(data.root).exists():
+        return [_missing_file_message(data.root, "config.data.root")]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+
+
+def run_one(config, workdir: pathlib.Path):
+    name = config.experiment
+    if name not in EXPERIMENTS:
+        raise UserError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    module, function = EXPERIMENTS[name]
+    logging.info("running %s in %s", name, workdir)
+    return getattr(importlib.import_module(module), function)(config, workdir)
+
+
+def sweep_entries(config_arg: str) -> list[dict]:
+    """Loads get_sweep(arg) from the config file named in --config."""
+    path, _, arg = config_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise UserError(f"{path} defines no get_sweep(arg); drop --sweep or add one")
+    return module.get_sweep(arg or None)
+
+
+def sweep_configs(config, config_arg: str) -> list:
+    """One validated child config per sweep entry (all checked before the first run starts)."""
+    children = []
+    for i, entry in enumerate(sweep_entries(config_arg)):
+        child = copy.deepcopy(config)
+        overrides = entry.get("overrides", {})
+        known = set(config_schema.flatten(config))
+        for key in overrides:
+            if key not in known and not key.startswith("model.overrides."):
+                raise UserError(f"sweep entry {entry.get('name', i)!r}: override {key!r} is not a config key"
+                                f"{config_schema.suggest(key, known)}")
+        with child.unlocked():
+            child.update_from_flattened_dict(overrides)
+            child.name = entry.get("name", f"run{i}")
+        children.append(child)
+    return children
+
+
+def run_sweep(config, workdir: pathlib.Path) -> None:
+    from experiments import report
+
+    children = sweep_configs(config, config_flags.get_config_filename(FLAGS["config"]))
+    for child in children:
+        problems = preflight(child, workdir / child.name)
+        if problems:
+            raise UserError(f"sweep run {child.name!r}: " + "; ".join(problems))
+    runs, summary = [], []
+    for i, child in enumerate(children):
+        name = child.name
+        logging.info("sweep %d/%d: %s", i + 1, len(children), name)
+        results = run_one(child, workdir / name)
+        if isinstance(results, dict) and "id" in results:
+            arrays = dict(np.load(workdir / name / "profile.npz"))
+            runs.append((name, results, arrays))
+            summary.append({k: results.get(k) for k in ("name", "selected_layer", "peak_layer", "best_overlap_layer",
+                                                         "id", "n_points", "selection_rule")})
+    if runs:
+        figures = report.write_figures(workdir, runs, prefix="sweep_")
+        (workdir / "sweep.json").write_text(json.dumps({"runs": summary, "figures": [str(f) for f in figures]},
+                                                       indent=2))
+        print(f"sweep of {len(runs)} runs: {workdir / 'sweep.json'}; figures: {', '.join(map(str, figures))}")
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Keeps idjax's own INFO lines; drops the INFO chatter of orbax and jax internals."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(
+            part in record.pathname for part in ("/orbax/", "/jax/_src/", "/etils/", "/fontTools/"))
+
+
+def _user_message(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError) and err.filename:
+        shared = str(_shared_data())
+        if str(err.filename).startswith(shared):
+            return (f"{err.filename} not found ({err.strerror}). Shared datasets are read from "
+                    f"$IDJAX_SHARED_DATA (now {shared}): set IDJAX_SHARED_DATA to the directory holding them")
+    if isinstance(err, MemoryError):
+        return f"out of memory: {err}"
+    return str(err) if isinstance(err, (UserError, app.UsageError)) else f"{type(err).__name__}: {err}"
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {list(argv[1:])}: flags are written --name=value (see --help)")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        config = _CONFIG.value
+        if config is not None:
+            config.get("experiment")  # a file that failed to load raises here, not during parsing
+    except Exception as err:  # config_flags defers a failed load of the file to the first access
+        if _debug():
+            traceback.print_exc()
+        fail(_explain_parse_error(sys.argv, err))
+    if config is None:
+        fail("--config is required, e.g. --config=configs/demo.py (--help lists the shipped configs)")
+    if _PRINT_CONFIG.value:
+        print(config)
+        return
+    if _WORKDIR.value is None:
+        fail("--workdir is required: the directory for results, checkpoints and figures, e.g. --workdir=workdirs/run")
+    workdir = pathlib.Path(_WORKDIR.value)
+    try:
+        if _SWEEP.value:
+            run_sweep(config, workdir)
+        else:
+            problems = preflight(config, workdir)
+            if problems:
+                raise UserError("; ".join(problems))
+            run_one(config, workdir)
+    except (UserError, *USER_ERRORS) as err:
+        if _debug() or _VERBOSE.value:
+            raise
+        fail(_user_message(err), code=1)
+
+
+def resolve_shipped_config(argv: list[str]) -> list[str]:
+    """`--config=configs/demo.py` names the shipped file when no such file exists here (installed idjax,
+    or a run from another directory)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            path, sep, rest = arg.removeprefix("--config=").partition(":")
+            shipped = CONFIG_DIR / pathlib.Path(path).name
+            if not pathlib.Path(path).exists() and pathlib.Path(path).parent.name in ("configs", "") \
+                    and shipped.is_file():
+                arg = f"--config={shipped}{sep}{rest}"
+        out.append(arg)
+    return out
+
+
+def launch(argv: Sequence[str] | None = None) -> None:
+    """Runs the command line (`argv[0]` is the program name)."""
+    argv = resolve_shipped_config(list(sys.argv if argv is None else argv))
+    app.run(main, argv=argv, flags_parser=parse_flags)
