@@ -179,7 +179,8 @@ def test_synthetic_store_estimates_agree_with_the_library(tmp_path):
     config.probe.enabled = False
     results = profile.run(config, tmp_path)
     dist, _ = idjax.knn(x, 64)
-    assert results["id"][0] == pytest.approx(float(idjax.twonn(dist)), rel=1e-6)
+    assert results["estimator_agreement"]["id"]["twonn"][0] == pytest.approx(float(idjax.twonn(dist)), rel=1e-6)
+    assert results["id"][0] == pytest.approx(float(idjax.gride(dist, n1=32, n2=64).id), rel=1e-6)  # the default
     assert results["adjacent_overlap"] == [pytest.approx(1.0)]
 
 
