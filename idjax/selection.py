@@ -133,7 +133,7 @@ def select_layer(ids, errors=None, *, z: float = 2.0, min_drop: float = 0.1, min
     if not model_peaks:
         where += ", no later layer being a significant peak"
     elif 0 in peaks:
-        where += ", layer 0's higher input ID set aside"
+        where += ", layer 0's input peak set aside"
 
     for m in range(peak + 1, n - 1):
         if ids[m] > ids[m - 1] or ids[m] > ids[m + 1]:

@@ -35,6 +35,7 @@ def small_config():
     config.name = "cache"
     config.profile.k_max = 16
     config.profile.gride_range_max = 16
+    config.profile.gride_rank = 8  # the default GRIDE(n2/2, n2) must stay computable under every changed option
     config.profile.label_ks = (5, 10)
     config.profile.overlap_k = 10
     config.profile.decimation_min_size = 30
