@@ -9,7 +9,7 @@ those indices to float32 (L+1, B, D) pooled hidden states.
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +21,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from experiments import store
+from idjax import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +250,9 @@ def igpt_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size:
 
     return Encoder(_chunks(np.arange(len(examples)), batch_size), embed,
                    {"family": "igpt", "source": source, "path": str(cfg.get("path")), "stream": stream,
-                    "config": dataclasses.asdict(config), "palette": str(palette_path or workdir / "palette.npy")})
+                    "config": dataclasses.asdict(config),
+                    # The palette's content, not its path: a moved or relatively named workdir still resumes.
+                    "palette_sha256": hashlib.sha256(np.ascontiguousarray(colours).tobytes()).hexdigest()})
 
 
 def bert_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size: int) -> Encoder:
@@ -293,13 +296,20 @@ def build_encoder(model_cfg: ml_collections.ConfigDict, examples: Examples, batc
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Extracts pooled representations of every layer into `workdir/representations` (resumable)."""
-    workdir = pathlib.Path(workdir)
+    """Extracts pooled representations of every layer into `workdir/representations` (resumable).
+
+    Holds the workdir's lock (`idjax.files.workdir_lock`): a second job on the same workdir is refused.
+    """
+    with files.workdir_lock(workdir, "extract"):
+        return _run(config, pathlib.Path(workdir))
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     directory = store.store_dir(workdir)
     # What is extracted, from the config alone (cheap: no model is loaded to decide whether to skip).
     requested = store.fingerprint({key: config[key].to_dict() for key in ("model", "data")})
     if store.is_complete(directory):
-        manifest = json.loads((directory / store.MANIFEST).read_text())
+        manifest = store.read_manifest(directory)
         if manifest["metadata"].get("config_fingerprint") != requested:
             raise store.StoreError(
                 f"{directory} holds representations of a different model or dataset (config fingerprint "
@@ -331,6 +341,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                    metadata={**description, "label_names": examples.label_names,
                              "groups": None if examples.groups is None else examples.groups.tolist(),
                              "extract_seconds": elapsed, "batches_computed_this_run": len(todo)})
-    manifest = json.loads((directory / store.MANIFEST).read_text())
+    manifest = store.read_manifest(directory)
     logging.info("extracted %d examples x %d layers in %.1f s", len(examples), manifest["n_layers"], elapsed)
     return manifest

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import idjax
 from experiments import report, store
-from idjax.files import atomic_save_npz, atomic_write_json
+from idjax.files import atomic_save_npz, atomic_write_json, load_npz, workdir_lock
 from idjax.selection import select_layer
 
 
@@ -123,7 +123,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
         for layer, x in enumerate(reps.layers):
             cache = cache_dir / f"layer_{layer:03d}.npz"
             if cache.exists():
-                metrics = dict(np.load(cache))
+                metrics = load_npz(cache, fix=f"delete it and re-run the profile to recompute layer {layer}")
             else:
                 metrics = layer_metrics(np.asarray(x, np.float32)[keep], labels, cfg, seed + layer)
                 atomic_save_npz(cache, **metrics)
@@ -211,19 +211,31 @@ def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collection
 def run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Probes every layer of the stored representations; writes probes.json."""
     workdir = pathlib.Path(workdir)
+    with workdir_lock(workdir, "probe"):
+        return _run_probe_only(config, workdir)
+
+
+def _run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     reps = store.load(store.store_dir(workdir))
     if reps.labels is None:
         raise ValueError(f"the representations in {workdir} have no labels to probe")
     keep, _ = _common_keep(reps.layers, config.profile.duplicates)
     probes = run_probes(reps, keep, config.probe, config.profile.overlap_k)
-    atomic_write_json(workdir / "probes.json", probes)
+    atomic_write_json(workdir / "probes.json", probes, checksum=True)
     print(f"best probe layer ({probes['best_probe_metric']}): {probes['best_probe_layer']}; {workdir / 'probes.json'}")
     return probes
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Profiles the representations in `workdir` and writes results.json, profile.npz and figures."""
-    workdir = pathlib.Path(workdir)
+    """Profiles the representations in `workdir` and writes results.json, profile.npz and figures.
+
+    Holds the workdir's lock (`idjax.files.workdir_lock`): a second job on the same workdir is refused.
+    """
+    with workdir_lock(workdir, "profile"):
+        return _run(config, pathlib.Path(workdir))
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     reps = store.load(store.store_dir(workdir))
     logging.info("profiling %d layers x %d examples (devices: %s)", len(reps.layers), len(reps.ids), jax.devices())
     summary, arrays = compute_profile(reps, config.profile, workdir / "profile_layers", seed=config.get("seed", 0))
@@ -238,8 +250,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                "label_names": meta.get("label_names"), **summary,
                "config": json.loads(config.to_json_best_effort())}
     atomic_save_npz(workdir / "profile.npz", **arrays)
-    atomic_write_json(workdir / "results.json", results)
+    atomic_write_json(workdir / "results.json", results, checksum=True)
     figures = report.write_figures(workdir, [(results["name"], results, arrays)])
     results["figures"] = [str(f) for f in figures]
-    atomic_write_json(workdir / "results.json", results)
+    atomic_write_json(workdir / "results.json", results, checksum=True)
     return results
