@@ -88,18 +88,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text.encode())
 
 
-def _json_digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _json_digest(name: str, obj: Any) -> str:
+    return hashlib.sha256(f"{name}\0{json.dumps(obj, sort_keys=True, separators=(',', ':'))}".encode()).hexdigest()
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, checksum: bool = False) -> None:
-    """Writes `obj` as indented JSON; with `checksum` (a dict only) a SHA-256 of it goes under "_sha256"."""
+    """Writes `obj` as indented JSON; with `checksum` (a dict only) a SHA-256 of it and of the file name goes
+    under "_sha256"."""
     if checksum:
         if not isinstance(obj, dict):
             raise TypeError(f"a checksum can only be embedded in a JSON object, not {type(obj).__name__}")
         # Digest what a reader gets back (tuples as lists, keys as strings), not the Python object.
         rest = json.loads(json.dumps({k: v for k, v in obj.items() if k != JSON_CHECKSUM}))
-        obj = {**rest, JSON_CHECKSUM: _json_digest(rest)}
+        obj = {**rest, JSON_CHECKSUM: _json_digest(pathlib.Path(path).name, rest)}
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -107,12 +108,14 @@ def read_json(path: str | os.PathLike, *, fix: str, require_checksum: bool = Fal
     """Parses a JSON file; verifies and drops an embedded "_sha256". Damage -> `CorruptFileError` with `fix`."""
     try:
         obj = json.loads(pathlib.Path(path).read_bytes())
+    except FileNotFoundError as e:
+        raise _corrupt(path, "it is missing", fix) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _corrupt(path, f"not valid JSON ({e})", fix) from e
     if isinstance(obj, dict) and JSON_CHECKSUM in obj:
         expected = obj.pop(JSON_CHECKSUM)
-        if _json_digest(obj) != expected:
-            raise _corrupt(path, "its content does not match its recorded SHA-256", fix)
+        if _json_digest(pathlib.Path(path).name, obj) != expected:
+            raise _corrupt(path, "its content does not match its recorded SHA-256 (or it is another file's copy)", fix)
     elif require_checksum:
         raise _corrupt(path, "it carries no checksum (written by an older version or by hand)", fix)
     return obj
