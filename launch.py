@@ -13,7 +13,6 @@ import json
 import logging as std_logging
 import pathlib
 
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -67,7 +66,9 @@ def run_sweep(config, workdir: pathlib.Path) -> None:
         logging.info("sweep %d/%d: %s", i + 1, len(entries), name)
         results = run_one(child, workdir / name)
         if isinstance(results, dict) and "id" in results:
-            arrays = dict(np.load(workdir / name / "profile.npz"))
+            from idjax.files import load_npz
+
+            arrays = load_npz(workdir / name / "profile.npz", fix="delete it and re-run this sweep entry")
             runs.append((name, results, arrays))
             summary.append({k: results.get(k) for k in ("name", "selected_layer", "peak_layer", "best_overlap_layer",
                                                          "id", "n_points")})

@@ -216,7 +216,7 @@ def run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
 
 
 def _run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    reps = store.load(store.store_dir(workdir))
+    reps = store.load(store.store_dir(workdir), verify=config.profile.get("verify_store", True))
     if reps.labels is None:
         raise ValueError(f"the representations in {workdir} have no labels to probe")
     keep, _ = _common_keep(reps.layers, config.profile.duplicates)
@@ -236,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    reps = store.load(store.store_dir(workdir))
+    reps = store.load(store.store_dir(workdir), verify=config.profile.get("verify_store", True))
     logging.info("profiling %d layers x %d examples (devices: %s)", len(reps.layers), len(reps.ids), jax.devices())
     summary, arrays = compute_profile(reps, config.profile, workdir / "profile_layers", seed=config.get("seed", 0))
     if reps.labels is not None and config.get("probe") and config.probe.enabled:
