@@ -207,8 +207,9 @@ def load(directory: pathlib.Path, *, mmap: bool = True, verify: bool = True) -> 
     fix = _layer_fix(directory)
     checksums = manifest.get("checksums")
     if checksums is None:
-        raise files.CorruptFileError(f"{directory / MANIFEST} records no checksums (written by an older version): "
-                                     f"{fix}")
+        raise files.CorruptFileError(f"{directory / MANIFEST} records no checksums (written by an older version, "
+                                     f"whose batch files have none either): delete {directory} and re-run the "
+                                     "extraction")
     for name, record in checksums.items():
         files.check_size(directory / name, record, fix=fix)
     if verify:
