@@ -92,8 +92,8 @@ def _metric_records(path: pathlib.Path) -> list[tuple[str, dict]]:
                 logging.warning("%s: dropping a half-written last line (%d characters)", path, len(line))
                 continue
             raise CorruptFileError(
-                f"{path} is damaged: line {number} is not a metrics record ({e}). Delete the line (or the file: "
-                "it is rewritten from the last checkpoint's step on)") from e
+                f"{path} is damaged: line {number} is not a metrics record ({e}). Delete that line (deleting the "
+                "file instead loses the records up to the last checkpoint: a resumed run does not rewrite them)") from e
         out.append((line, record))
     return out
 
