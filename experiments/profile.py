@@ -231,7 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     Holds the workdir's lock (`idjax.files.workdir_lock`): a second job on the same workdir is refused.
     """
-    with workdir_lock(workdir, "profile"):
+    with workdir_lock(workdir, "profile", process_index=jax.process_index()):
         return _run(config, pathlib.Path(workdir))
 
 

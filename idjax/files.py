@@ -239,18 +239,21 @@ _held: dict[pathlib.Path, tuple[int, int]] = {}  # lock path -> (fd, depth): re-
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str | os.PathLike, job: str, *, wait: bool = False) -> Iterator[None]:
+def workdir_lock(workdir: str | os.PathLike, job: str, *, wait: bool = False, process_index: int = 0) -> Iterator[None]:
     """Holds `<workdir>/.idjax.lock` exclusively while the block runs (re-entrant within a process).
 
     Args:
       job: what this process does there ("extract", "profile", "train"), recorded for the message a
         second process gets.
       wait: block until the holder finishes instead of raising.
+      process_index: the JAX process index of a multi-host job: each process of one job holds its own
+        lock, so the job's processes share the workdir and a second job is still refused.
 
     Raises:
       WorkdirBusyError naming the holder (pid, host, start time, command) when another process holds it.
     """
-    path = (pathlib.Path(workdir) / LOCK_NAME).absolute()
+    name = LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.process{process_index}"
+    path = (pathlib.Path(workdir) / name).absolute()
     if path in _held:
         fd, depth = _held[path]
         _held[path] = (fd, depth + 1)

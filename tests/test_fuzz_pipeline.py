@@ -375,8 +375,8 @@ def test_a_second_process_on_a_workdir_is_refused_naming_the_holder(reference, t
 def test_the_lock_is_reentrant_within_a_process_and_released_after(tmp_path):
     with files.workdir_lock(tmp_path, "a"), files.workdir_lock(tmp_path, "b"):
         pass
-    with files.workdir_lock(tmp_path, "c"):
-        pass
+    with files.workdir_lock(tmp_path, "c"), files.workdir_lock(tmp_path, "c", process_index=1):
+        pass  # the processes of one multi-host job each hold their own lock
 
 
 # ---------------------------------------------------------------------------------------------------
