@@ -55,6 +55,7 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.profile = ml_collections.ConfigDict()
     config.profile.k_max = 64
     config.profile.sharded = "auto"  # auto: device ring (idjax.sharded) when > 1 device | always | never
+    config.profile.verify_store = True  # check the store's files against their SHA-256 on load (one streamed pass)
     config.profile.twonn_fraction = 0.9
     config.profile.gride_range_max = 64
     config.profile.decimation = True

@@ -19,7 +19,6 @@ import ast
 import copy
 import importlib
 import importlib.util
-import json
 import logging as std_logging
 import os
 import pathlib
@@ -27,7 +26,6 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -328,14 +326,18 @@ def run_sweep(config, workdir: pathlib.Path) -> None:
         logging.info("sweep %d/%d: %s", i + 1, len(children), name)
         results = run_one(child, workdir / name)
         if isinstance(results, dict) and "id" in results:
-            arrays = dict(np.load(workdir / name / "profile.npz"))
+            from idjax.files import load_npz
+
+            arrays = load_npz(workdir / name / "profile.npz", fix=f"delete it and re-run the sweep entry {name}")
             runs.append((name, results, arrays))
             summary.append({k: results.get(k) for k in ("name", "selected_layer", "peak_layer", "best_overlap_layer",
                                                          "id", "n_points", "selection_rule")})
     if runs:
         figures = report.write_figures(workdir, runs, prefix="sweep_")
-        (workdir / "sweep.json").write_text(json.dumps({"runs": summary, "figures": [str(f) for f in figures]},
-                                                       indent=2))
+        from idjax.files import atomic_write_json
+
+        atomic_write_json(workdir / "sweep.json", {"runs": summary, "figures": [str(f) for f in figures]},
+                          checksum=True)
         print(f"sweep of {len(runs)} runs: {workdir / 'sweep.json'}; figures: {', '.join(map(str, figures))}")
 
 

@@ -9,7 +9,6 @@ those indices to float32 (L+1, B, D) pooled hidden states.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from experiments import store
+from idjax import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +303,9 @@ def igpt_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size:
 
     return Encoder(_chunks(np.arange(len(examples)), batch_size), embed,
                    {"family": "igpt", "source": source, "path": str(cfg.get("path")), "stream": stream,
-                    "config": dataclasses.asdict(config), "palette": palette_record})
+                    "config": dataclasses.asdict(config),
+                    "palette": {key: value for key, value in palette_record.items() if key != "path"},
+                    "locations": {"palette": palette_record["path"]}})
 
 
 def bert_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size: int) -> Encoder:
@@ -347,13 +349,20 @@ def build_encoder(model_cfg: ml_collections.ConfigDict, examples: Examples, batc
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Extracts pooled representations of every layer into `workdir/representations` (resumable)."""
-    workdir = pathlib.Path(workdir)
+    """Extracts pooled representations of every layer into `workdir/representations` (resumable).
+
+    Holds the workdir's lock (`idjax.files.workdir_lock`): a second job on the same workdir is refused.
+    """
+    with files.workdir_lock(workdir, "extract"):
+        return _run(config, pathlib.Path(workdir))
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     directory = store.store_dir(workdir)
     # What is extracted, from the config alone (cheap: no model is loaded to decide whether to skip).
     requested = store.fingerprint({key: config[key].to_dict() for key in ("model", "data")})
     if store.is_complete(directory):
-        manifest = json.loads((directory / store.MANIFEST).read_text())
+        manifest = store.read_manifest(directory)
         if manifest["metadata"].get("config_fingerprint") != requested:
             raise store.StoreError(
                 f"{directory} holds representations of a different model or dataset (config fingerprint "
@@ -389,6 +398,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                    metadata={**description, "label_names": examples.label_names,
                              "groups": None if examples.groups is None else examples.groups.tolist(),
                              "extract_seconds": elapsed, "batches_computed_this_run": len(todo)})
-    manifest = json.loads((directory / store.MANIFEST).read_text())
+    manifest = store.read_manifest(directory)
     logging.info("extracted %d examples x %d layers in %.1f s", len(examples), manifest["n_layers"], elapsed)
     return manifest

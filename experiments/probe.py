@@ -28,6 +28,7 @@ import optax
 
 import idjax
 from idjax import validation
+from idjax.files import atomic_write_json
 
 # ---------------------------------------------------------------------------------------------------
 # Splits and preprocessing
@@ -649,9 +650,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         result = probe_igpt_on_heldout(args.workdir, k=args.k, probe_steps=args.probe_steps)
     out = args.workdir / "probe_results.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    atomic_write_json(out, result, checksum=True)
     if family == "esm2":
         t, rh = result["trained"], result["trained"]["superfamily_remote"]
         curves = {

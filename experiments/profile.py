@@ -30,7 +30,6 @@ import hashlib
 import json
 import pathlib
 import time
-import zipfile
 from collections.abc import Callable
 
 import jax
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 
 import idjax
 from experiments import report, store
-from idjax.files import atomic_save_npz, atomic_write_json
+from idjax.files import CorruptFileError, atomic_save_npz, atomic_write_json, load_npz, workdir_lock
 from idjax.selection import select_layer
 
 
@@ -110,13 +109,13 @@ def read_cache_entry(path: pathlib.Path, key: str) -> dict[str, np.ndarray] | No
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as stored:
-            if _KEY not in stored.files or str(stored[_KEY]) != key:
-                return None
-            return {name: stored[name] for name in stored.files if name != _KEY}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        logging.warning("cache file %s is unreadable (%s); recomputing it", path, err)
+        stored = load_npz(path, fix="it is recomputed")  # checksum: a damaged or swapped file is never read
+    except CorruptFileError as err:
+        logging.warning("%s; recomputing it", err)
         return None
+    if _KEY not in stored or str(stored[_KEY]) != key:
+        return None
+    return {name: value for name, value in stored.items() if name != _KEY}
 
 
 def write_cache_entry(path: pathlib.Path, key: str, arrays: dict[str, np.ndarray]) -> None:
@@ -424,20 +423,32 @@ def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collection
 def run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Probes every layer of the stored representations; writes probes.json."""
     workdir = pathlib.Path(workdir)
-    reps = store.load(store.store_dir(workdir))
+    with workdir_lock(workdir, "probe"):
+        return _run_probe_only(config, workdir)
+
+
+def _run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    reps = store.load(store.store_dir(workdir), verify=config.profile.get("verify_store", True))
     if reps.labels is None:
         raise ValueError(f"the representations in {workdir} have no labels to probe")
     keep, _ = _common_keep(reps.layers, config.profile.duplicates)
     probes = run_probes(reps, keep, config.probe, config.profile.overlap_k, cache_dir=workdir / "profile_layers")
-    atomic_write_json(workdir / "probes.json", probes)
+    atomic_write_json(workdir / "probes.json", probes, checksum=True)
     print(f"best probe layer ({probes['best_probe_metric']}): {probes['best_probe_layer']}; {workdir / 'probes.json'}")
     return probes
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Profiles the representations in `workdir` and writes results.json, profile.npz and figures."""
-    workdir = pathlib.Path(workdir)
-    reps = store.load(store.store_dir(workdir))
+    """Profiles the representations in `workdir` and writes results.json, profile.npz and figures.
+
+    Holds the workdir's lock (`idjax.files.workdir_lock`): a second job on the same workdir is refused.
+    """
+    with workdir_lock(workdir, "profile", process_index=jax.process_index()):
+        return _run(config, pathlib.Path(workdir))
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    reps = store.load(store.store_dir(workdir), verify=config.profile.get("verify_store", True))
     logging.info("profiling %d layers x %d examples (devices: %s)", len(reps.layers), len(reps.ids), jax.devices())
     job_start = time.perf_counter()
     summary, arrays = compute_profile(reps, config.profile, workdir / "profile_layers", seed=config.get("seed", 0))
@@ -466,7 +477,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         (workdir / stale).unlink(missing_ok=True)
     results["figures"] = figures
     report.write_report_md(workdir, results, [pathlib.Path(f) for f in figures])
-    atomic_write_json(workdir / "results.json", results)
+    atomic_write_json(workdir / "results.json", results, checksum=True)
     print("\n" + report.summary_markdown(results))
     print(f"results: {workdir / 'results.json'}, report: {workdir / 'report.md'}")
     return results

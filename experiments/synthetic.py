@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import ml_collections
 import numpy as np
 
 import idjax
+from idjax.files import atomic_write_json
 
 
 def manifold(name: str, n: int, dim: int, ambient: int, seed: int = 0) -> np.ndarray:
@@ -56,6 +56,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         print(f"{name:>10} d={results[f'{name}_{dim}']['true_id']:>2}  TwoNN {results[f'{name}_{dim}']['twonn']:.2f}"
               f"  GRIDE(n2={scaling.ranks[-1]}) {scaling.ids[-1]:.2f}")
     out = workdir / "results.json"
-    out.write_text(json.dumps(results, indent=2))
+    atomic_write_json(out, results, checksum=True)
     print(f"results written to {out}")
     return results

@@ -12,8 +12,14 @@ function of it:
     seeded permutation per epoch and a seeded crop per batch; that position is the "data" item
     (JSON) and is checked against the step on restore.
 A run killed after the checkpoint at step s and restarted continues from s and reaches bit-identical
-parameters (tests/test_train.py). Metrics lines the killed run wrote after s are dropped on resume,
-so `metrics.jsonl` reads as one uninterrupted run.
+parameters (tests/test_train.py). Metrics and eval records are tied to checkpoints: on resume from s
+every record after s is dropped (and a run killed before its first checkpoint starts its log afresh),
+as is a half-written last line, so `metrics.jsonl` and `train_result.json` read as one uninterrupted run.
+
+Damaged checkpoints: each checkpoint's "data" item records a SHA-256 of the state it was saved with.
+A latest checkpoint that cannot be read or does not match it is named in a warning, moved to
+`checkpoints_damaged/<step>`, and the run resumes from the newest good one. Only one process trains in
+a workdir at a time (`idjax.files.workdir_lock`); a second one exits naming the first.
 
 Workdir layout:
   config.json        the ConfigDict (written atomically at the start; checked on resume)
@@ -29,9 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import pathlib
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,7 +53,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from experiments import tensorboard
-from idjax.files import atomic_write_text
+from idjax.files import CorruptFileError, atomic_write_json, atomic_write_text, workdir_lock
 from models import esm2, igpt
 from models import palette as palette_lib
 from models import protein_tokenizer as ptok
@@ -68,19 +76,47 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
     tensorboard.write_scalars(path.parent / "tensorboard", record)  # the same curves for TensorBoard
 
 
+def _metric_records(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """(line, record) pairs of a metrics file; a half-written LAST line (a kill mid-append) is dropped, any
+    other unreadable line is a `CorruptFileError` naming the file and line."""
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record or "kind" not in record:
+                raise ValueError("not a metrics record")
+        except ValueError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                logging.warning("%s: dropping a half-written last line (%d characters)", path, len(line))
+                continue
+            raise CorruptFileError(
+                f"{path} is damaged: line {number} is not a metrics record ({e}). Delete that line (deleting the "
+                "file instead loses the records up to the last checkpoint: a resumed run does not rewrite them)") from e
+        out.append((line, record))
+    return out
+
+
 def read_metrics(workdir: pathlib.Path | str) -> list[dict]:
-    """All records of `workdir/metrics.jsonl` (empty list if absent)."""
+    """All records of `workdir/metrics.jsonl` (empty list if absent; a half-written last line is left out)."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _metric_records(path)]
 
 
-def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-    """Keeps only records with step <= last_step (drops what a killed run logged after its checkpoint)."""
+def _truncate_metrics(path: pathlib.Path, last_step: int | None) -> None:
+    """Keeps only records with step <= last_step: what a run resumed from the checkpoint at `last_step`
+    would have written. None (no checkpoint: training starts over) keeps nothing."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    if last_step is None:
+        path.unlink()
+        return
+    lines = [line for line, record in _metric_records(path) if record["step"] <= last_step]
     atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
@@ -503,11 +539,57 @@ def _manager(workdir: pathlib.Path, cc: ml_collections.ConfigDict) -> ocp.Checkp
                                  item_names=(STATE_ITEM, DATA_ITEM))
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not match the checksum recorded when it was saved."""
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a state pytree: every leaf's path, dtype, shape and bytes (on the host)."""
+    h = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(state))
+    for path, leaf in leaves:
+        a = np.ascontiguousarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _restore(mngr: ocp.CheckpointManager, step: int, template: dict) -> tuple[dict, dict]:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
-    out = mngr.restore(step, args=ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardRestore(abstract), DATA_ITEM: ocp.args.JsonRestore()}))
-    return out[STATE_ITEM], out[DATA_ITEM]
+    """(state, data) of checkpoint `step`; `CheckpointError` naming the step if it is unreadable or damaged."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            template)
+    where = f"checkpoint {step} ({mngr.directory / str(step)})"
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardRestore(abstract), DATA_ITEM: ocp.args.JsonRestore()}))
+    except Exception as e:  # Orbax / TensorStore / json raise many types for a damaged checkpoint
+        raise CheckpointError(f"{where} cannot be read: {type(e).__name__}: {str(e)[:400]}") from e
+    state, data = out[STATE_ITEM], out[DATA_ITEM]
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: its data item is {type(data).__name__}, not the saved position")
+    recorded = data.get("state_sha256")
+    if recorded is not None and state_digest(state) != recorded:
+        raise CheckpointError(f"{where} is damaged: its state does not match the SHA-256 recorded when it was saved")
+    return state, data
+
+
+def _restore_newest_good(mngr: ocp.CheckpointManager, template: dict) -> tuple[int, dict, dict, list[int]] | None:
+    """(step, state, data, damaged newer steps) of the newest checkpoint that restores and verifies, or None
+    if there is no checkpoint. Each damaged one is named in a warning; none good is a `CheckpointError`."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+        try:
+            state, data = _restore(mngr, step, template)
+        except CheckpointError as e:
+            logging.warning("%s; falling back to the previous checkpoint", e)
+            damaged.append(step)
+            continue
+        return step, state, data, damaged
+    if steps:
+        raise CheckpointError(f"no checkpoint under {mngr.directory} can be restored (steps {steps} are damaged, "
+                              "see the warnings above); delete that directory to train from scratch")
+    return None
 
 
 def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -550,6 +632,11 @@ def train(
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir, "train"):
+        return _train(config, workdir, on_step)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Callable[[int], None] | None) -> dict:
     tc, cc = config.train, config.checkpoint
     t_start = time.perf_counter()
 
@@ -569,15 +656,26 @@ def train(
     mngr = _manager(workdir, cc)
     resumed_from = None
     try:
-        latest = mngr.latest_step()
+        restored = _restore_newest_good(mngr, state)
+        if restored is not None and restored[3]:  # damaged newer checkpoints: out of the way of new saves
+            mngr.close()
+            for step in restored[3]:
+                target = workdir / "checkpoints_damaged" / str(step)
+                shutil.rmtree(target, ignore_errors=True)
+                target.parent.mkdir(exist_ok=True)
+                shutil.move(workdir / "checkpoints" / str(step), target)
+                logging.warning("moved damaged checkpoint %d to %s; resuming from checkpoint %d", step, target,
+                                restored[0])
+            mngr = _manager(workdir, cc)
+        latest = None if restored is None else restored[0]
+        _truncate_metrics(metrics_path, latest)
         if latest is not None:
-            state, data_state = _restore(mngr, latest, state)
+            _, state, data_state, _ = restored
             expected = BatchIterator.position_after(latest, iterator.steps_per_epoch)
             if {k: data_state[k] for k in expected} != expected or data_state["seed"] != config.seed:
                 raise ValueError(f"checkpoint {latest}: data position {data_state} does not match step {latest}")
             iterator = BatchIterator.from_state(data, data_state, max_residues=config.data.get("max_residues"))
             resumed_from = int(latest)
-            _truncate_metrics(metrics_path, resumed_from)
         start = int(state["step"])
         if start == 0:
             loss0 = evaluate(eval_sums, state["params"], data.val, tc.eval_batch_size, config.seed)
@@ -623,7 +721,8 @@ def train(
                                              "time_s": time.perf_counter() - t_start})
             if step % cc.interval == 0 or step == tc.steps:
                 mngr.save(step, args=ocp.args.Composite(**{
-                    STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: ocp.args.JsonSave(iterator.state())}),
+                    STATE_ITEM: ocp.args.StandardSave(state),
+                    DATA_ITEM: ocp.args.JsonSave({**iterator.state(), "state_sha256": state_digest(state)})}),
                     force=True)
             t_log += time.perf_counter() - t_pause  # evaluation and checkpointing are not training throughput
             bar.update(1)
@@ -642,7 +741,7 @@ def train(
         "compile_s": compile_s if tc.steps > start else None, "wall_time_s": time.perf_counter() - t_start,
         "workdir": str(workdir),
     }
-    atomic_write_text(workdir / "train_result.json", json.dumps(result, indent=2))
+    atomic_write_json(workdir / "train_result.json", result, checksum=True)
     plot_metrics(workdir)
     return result
 
@@ -685,12 +784,14 @@ def load_trained(workdir: pathlib.Path | str, step: int | None = None) -> tuple[
     config = load_config(workdir)
     mcfg = _model_config_from_json(json.loads((workdir / "model_config.json").read_text()))
     with ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_names=(STATE_ITEM, DATA_ITEM)) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}")
         template = jax.eval_shape(functools.partial(init_state, mcfg, make_optimizer(config.train), 0))
-        out = mngr.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(template)}))
-    return build_model(mcfg), out[STATE_ITEM]["params"], config
+        if step is not None:
+            state, _ = _restore(mngr, step, template)
+        elif (restored := _restore_newest_good(mngr, template)) is not None:
+            state = restored[1]
+        else:
+            raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}")
+    return build_model(mcfg), state["params"], config
 
 
 def plot_metrics(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import pathlib
 import re
 import sys
@@ -235,16 +234,19 @@ class Profile:
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_save_npz(directory / "profile.npz", **self.arrays)
-        atomic_write_json(directory / "results.json", {**self.summary, "layer_names": self.layer_names})
+        atomic_write_json(directory / "results.json", {**self.summary, "layer_names": self.layer_names},
+                          checksum=True)
         return directory
 
     @classmethod
     def load(cls, directory: PathLike) -> Profile:
         """Reads a profile saved by `save` or written by the pipeline (`launch.py`) into `directory`."""
+        from idjax.files import load_npz, read_json
+
         directory = pathlib.Path(directory)
-        summary = json.loads((directory / "results.json").read_text())
-        with np.load(directory / "profile.npz", allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
+        fix = f"re-run the profile that wrote {directory}"
+        summary = read_json(directory / "results.json", fix=fix)  # checksums verified
+        arrays = load_npz(directory / "profile.npz", fix=fix)
         names = summary.get("layer_names") or [str(i) for i in range(len(arrays["id"]))]
         return cls(summary, arrays, names)
 

@@ -91,8 +91,8 @@ def test_hf_directory_is_extracted_with_its_own_clusters(hf_dir, tmp_path, monke
 
     results = profile.run(config, tmp_path)
     record = results["model"]["palette"]
-    assert record == {"kind": "checkpoint", "path": str(directory / palette.PREPROCESSOR_CONFIG),
-                      "n_colors": N_COLORS, "digest": palette.palette_digest(clusters)}
+    assert record == {"kind": "checkpoint", "n_colors": N_COLORS, "digest": palette.palette_digest(clusters)}
+    assert results["model"]["locations"]["palette"] == str(directory / palette.PREPROCESSOR_CONFIG)
     assert json.loads((tmp_path / "results.json").read_text())["model"]["palette"] == record
 
 

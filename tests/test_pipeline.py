@@ -1,6 +1,5 @@
 """End to end: config -> extraction store -> profile -> selection -> results, resumable."""
 
-import json
 import pathlib
 
 import numpy as np
@@ -10,6 +9,7 @@ import idjax
 from configs import base
 from experiments import extract, profile, store
 from experiments.synthetic import manifold
+from idjax import files
 from idjax.selection import select_layer
 from tests.neighbour_checks import assert_same_neighbours
 
@@ -82,11 +82,11 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
     npz = np.load(workdir / "profile.npz")
     assert npz["id"].shape == (3,) and npz["gride_ids"].shape == (3, 4) and npz["label_overlap"].shape == (3, 2)
     assert npz["adjacent_overlap"].shape == (2,)
-    saved = json.loads((workdir / "results.json").read_text())
+    saved = files.read_json(workdir / "results.json", fix="")
     assert saved["selected_layer"] == select_layer(saved["id"], saved["id_err"]).selected == results["selected_layer"]
     assert len(saved["probes"]["linear_probe_accuracy"]) == 3
     probes = profile.run_probe_only(config, workdir)  # the "probe" experiment, on the same store
-    assert json.loads((workdir / "probes.json").read_text()) == probes
+    assert files.read_json(workdir / "probes.json", fix="") == probes
     assert probes["knn_accuracy"] == saved["probes"]["knn_accuracy"]
     for figure in saved["figures"]:
         assert pathlib.Path(figure).stat().st_size > 10_000
