@@ -23,6 +23,7 @@ from idjax.neighbors import (
     compute_dtype,
     find_duplicates,
     knn,
+    prepare_points,
 )
 
 # DADApy's GRIDE settings: bisection bracket and width, floors for 1 - mu^-d, nudge for mu == 1,
@@ -370,8 +371,9 @@ def twonn_decimation(
     Returns:
       DecimationScaling(ids, errs, sizes), each (S,), sizes descending; `.n_dropped` duplicates.
     """
-    x = validation.as_points(x, "x", min_points=3)
     validation.check_duplicates_policy(duplicates)
+    # The ID is scale-invariant: data at extreme magnitudes are rescaled by a power of two (exact).
+    (x,), _ = prepare_points([x], ["x"], min_points=3)
     dup = find_duplicates(x)
     if dup.count:
         if duplicates == "error":

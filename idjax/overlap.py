@@ -22,7 +22,7 @@ def _check_indices(indices, k: int, name: str = "indices") -> jax.Array:
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise TypeError(f"{name} must be integer neighbour indices; got dtype {indices.dtype}")
     validation.check_k(k, indices.shape[1], what=f"neighbour columns of {name}")
-    return jnp.asarray(indices[:, :k], jnp.int32)
+    return jnp.asarray(validation.as_neighbor_indices(indices[:, :k], indices.shape[0], name), jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "weighted"))
