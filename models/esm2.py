@@ -40,6 +40,7 @@ from models import checkpoints
 from models.checkpoints import CheckpointError, PathLike
 from models.pooling import first_token, masked_mean
 from models.protein_tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID
+from models.token_ids import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +335,7 @@ class ESM2(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> dict[str, Any]:
         cfg = self.config
+        check_token_ids(tokens, cfg.vocab_size, name="tokens")
         dtype = cfg.jnp_dtype
         embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name="embed_tokens")
         x = embed(tokens)
@@ -432,6 +434,7 @@ def pooled_hidden_states(
     """
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    check_token_ids(tokens, model.config.vocab_size, name="tokens")
     return _pooled_fn(model.config, pooling)(_unwrap(params), jnp.asarray(tokens, jnp.int32))
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from models import checkpoints
 from models.pooling import masked_mean
+from models.token_ids import check_token_ids
 
 PathLike = str | os.PathLike
 
@@ -239,6 +240,7 @@ class IGPT(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> dict[str, Any]:
         cfg = self.config
+        check_token_ids(tokens, cfg.vocab_size, name="tokens")
         t = tokens.shape[-1]
         if t > cfg.n_positions:
             raise ValueError(f"sequence length {t} exceeds n_positions={cfg.n_positions}")
@@ -277,10 +279,7 @@ def add_start_token(pixels: np.ndarray | jax.Array, start_token: int) -> np.ndar
       as in OpenAI's `tf.concat([sos_tok, h[:, :-1, :]], axis=1)`). numpy in -> numpy out.
     """
     xp = np if isinstance(pixels, np.ndarray) else jnp
-    if isinstance(pixels, np.ndarray) and pixels.size and (pixels.min() < 0 or pixels.max() >= start_token):
-        raise ValueError(
-            f"pixel ids must lie in [0, {start_token}); got range [{pixels.min()}, {pixels.max()}]"
-        )
+    check_token_ids(pixels, start_token, name="pixel ids", what="colour count (= start token)")
     pixels = xp.asarray(pixels, dtype=xp.int32)
     start = xp.full(pixels.shape[:-1] + (1,), start_token, dtype=xp.int32)
     return xp.concatenate([start, pixels[..., :-1]], axis=-1)
@@ -416,4 +415,5 @@ def pooled_representations(
     """
     if stream not in ("paper", "residual"):
         raise ValueError(f"stream must be 'paper' or 'residual', got {stream!r}")
+    check_token_ids(tokens, model.config.vocab_size, name="tokens")
     return _pooled(model, _as_params(params), jnp.asarray(tokens, jnp.int32), stream)
