@@ -75,6 +75,12 @@ def plan_knn(n: int, dim: int, k: int, *, devices: int = 1, memory_bytes: int | 
     Raises:
       MemoryError naming the sizes and what would fit (fewer points, or more devices).
     """
+    sizes = {"n": n, "dim": dim, "k": k, "devices": devices, "itemsize": itemsize}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"plan_knn: {name} must be a positive integer; got {value!r}")
+    validation.check_optional_positive(memory_bytes, "memory_bytes")
+    validation.check_optional_positive(memory_budget_bytes, "memory_budget_bytes")
     memory = memory_bytes or device_memory_bytes()
     usable = memory // 2
     rows = -(-n // devices)

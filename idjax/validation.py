@@ -122,6 +122,8 @@ def as_distances(distances, name: str = "distances", *, min_columns: int = 1) ->
             f"{name} has {distances.shape[1]} neighbour columns but this estimate needs at least "
             f"{min_columns}; recompute the kNN graph with k >= {min_columns}"
         )
+    if not (jnp.issubdtype(distances.dtype, jnp.floating) or jnp.issubdtype(distances.dtype, jnp.integer)):
+        raise TypeError(f"{name} must be real (float) distances; got dtype {distances.dtype}")
     if distances.shape[0] < 3:
         raise ValueError(f"{name} has {distances.shape[0]} points; at least 3 are needed")
     arr = np.asarray(distances)
