@@ -19,9 +19,11 @@ return NaN (TwoNN fit), inf (MLE) or the edge of GRIDE's search bracket. Ties ar
     of the ratios by 1 moves the MLE by a relative p at most, so this keeps the worst case within
     the estimate's own relative standard error, 1/sqrt(N);
   * beyond that, the estimate refuses with a ValueError that says how many points tie at which
-    ranks and what to do: add jitter smaller than the spacing of the values (the jitter's own
-    dimension is then what the nearest neighbours see), or measure at a larger scale (GRIDE with
-    larger ranks) where the ties vanish.
+    ranks and what to do: measure at larger ranks (GRIDE) where the ties vanish; if the values are
+    a quantisation of continuous data, dither them (uniform jitter of +-half the quantisation step),
+    which restores the continuous law. On a genuine lattice the nearest-neighbour ID is not defined:
+    jitter much smaller than the spacing only measures the jitter (mu = 1 + O(jitter) gives an
+    ID that grows without bound as the jitter shrinks), and GRIDE refuses it at its bracket edge.
 Every result is also checked on the way out: no estimator returns NaN, inf, a non-positive ID or
 the edge of GRIDE's bisection bracket silently.
 """
@@ -286,8 +288,9 @@ def check_ties(distances, valid: np.ndarray, rank_pairs: list[tuple[int, int]]) 
             f"tied neighbour distances, r_n1 == r_n2 exactly (mu = 1): {'; '.join(bad)}, more than "
             f"1/sqrt(N) = {limit:.1%} of the points. Under the TwoNN/GRIDE model mu is continuous with "
             "P(mu = 1) = 0, so ties mean the data are discrete (a lattice, quantised or binary values) at this "
-            "scale and the ID is not identifiable there. Add jitter smaller than the spacing of the values, or "
-            f"estimate at larger ranks where the ties vanish{larger}."
+            "scale and the ID is not identifiable there. Estimate at larger ranks where the ties vanish"
+            f"{larger}; if the values are quantised continuous data, dither them (uniform jitter of +-half the "
+            "quantisation step). On a true lattice the ID at this scale is not defined."
         )
 
 
@@ -411,7 +414,8 @@ def _twonn_on_subsets(subsets: jax.Array, *, method: str, fraction: float) -> np
             f"tied neighbour distances, r1 == r2 exactly (mu = 1), at {tied} of {repeats * size} points in the "
             f"decimation subsets of {size} points, more than 1/sqrt({size}) = {max_tie_fraction(size):.1%}. "
             "Under the TwoNN model P(mu = 1) = 0, so the data are discrete at this scale and the ID is not "
-            "identifiable there; add jitter smaller than the spacing of the values, or use GRIDE at larger ranks."
+            "identifiable there; use GRIDE at larger ranks, or dither quantised data (uniform jitter of +-half "
+            "the quantisation step)."
         )
     ids = np.asarray(_twonn_batched(dist[..., 1] / dist[..., 0], method, fraction))
     for value in ids:

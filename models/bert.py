@@ -183,10 +183,10 @@ class Bert(nn.Module):
           Padded positions carry values too (they attend to the real keys) but mean nothing.
         """
         c = self.config
+        input_ids = jnp.asarray(check_token_ids(input_ids, c.vocab_size, name="input_ids"))
         t = input_ids.shape[-1]
         if t > c.max_position_embeddings:
             raise ValueError(f"sequence length {t} exceeds max_position_embeddings {c.max_position_embeddings}")
-        check_token_ids(input_ids, c.vocab_size, name="input_ids")
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         check_token_ids(token_type_ids, c.type_vocab_size, name="token_type_ids", what="type vocabulary size")
