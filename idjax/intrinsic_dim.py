@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,6 +133,8 @@ def twonn_from_mus(mus: jax.Array, valid: jax.Array | None = None, *, method: st
     Returns:
       scalar ID.
     """
+    chex.assert_rank(mus, 1)
+    chex.assert_type(mus, float)
     dtype = mus.dtype
     if valid is None:
         valid = jnp.ones(mus.shape, bool)
@@ -139,6 +142,7 @@ def twonn_from_mus(mus: jax.Array, valid: jax.Array | None = None, *, method: st
             n_keep = int(mus.shape[0] * fraction)
     elif n_keep is None:
         raise ValueError("pass n_keep = int(valid.sum() * fraction) together with a `valid` mask")
+    chex.assert_shape(valid, mus.shape)
     log_mu = jnp.where(valid, jnp.log(jnp.where(valid, mus, 1.0)), 0.0)
     n = jnp.sum(valid).astype(dtype)
     if method == "mle":
@@ -163,6 +167,8 @@ def _gride_neg_score(d, log_mu, valid, n1, n2, n):
 
 def gride_log_likelihood(d, mus, valid, n1, n2) -> jax.Array:
     """The GRIDE log-likelihood of ID `d` for ratios mu = r_n2 / r_n1 (valid points only)."""
+    chex.assert_rank(mus, 1)
+    chex.assert_shape(valid, mus.shape)
     dtype = mus.dtype
     n = jnp.sum(valid).astype(dtype)
     log_mu = jnp.where(valid, jnp.log(jnp.where(valid, mus, 2.0)), 1.0)
@@ -185,6 +191,9 @@ def gride_from_mus(mus: jax.Array, valid: jax.Array, n1, n2, *, remove_outliers:
     Returns:
       (id, err), scalars. The bisection runs on [1e-3, 1e3] to width 1e-7 like DADApy's.
     """
+    chex.assert_rank(mus, 1)
+    chex.assert_type(mus, float)
+    chex.assert_shape(valid, mus.shape)
     dtype = mus.dtype
     n1 = jnp.asarray(n1, dtype)
     n2 = jnp.asarray(n2, dtype)

@@ -14,6 +14,7 @@ import math
 import os
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,6 +154,9 @@ def rerank_rows(n_candidates: int, dim: int, itemsize: int, platform: str | None
 @functools.partial(jax.jit, static_argnames=("k", "k_search", "block_size", "exclude_self", "rerank_rows"))
 def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, block_size: int,
                 exclude_self: bool, rerank_rows: int) -> tuple[jax.Array, jax.Array]:
+    chex.assert_rank([queries, ref], 2)
+    chex.assert_equal_shape([queries, ref], dims=1)
+    chex.assert_type([queries, ref], float)
     n_query, dim = queries.shape
     n_ref = ref.shape[0]
     n_blocks = -(-n_query // block_size)
