@@ -238,7 +238,7 @@ def knn(
     Data at any magnitude the output dtype can hold give the graph they give at unit scale: outside
     [2^-32, 2^32] they are rescaled internally by a power of two (exact) and the distances scaled
     back; integers float32 cannot represent exactly, or magnitudes whose distances float32 cannot
-    hold (beyond about 1e-31..1e37), are refused with a ValueError.
+    hold (outside about 4e-31..2e37), are refused with a ValueError.
     """
     arrays, exponent = prepare_points([x] if y is None else [x, y], ["x", "y"])
     x, ref = arrays[0], arrays[-1]
