@@ -28,7 +28,10 @@ def check_token_ids(tokens, vocab_size: int, *, name: str = "token ids", what: s
         raise TypeError(f"{name} must be integers; got dtype {arr.dtype}")
     if arr.size == 0:
         return tokens
-    lo, hi = (np.min(arr), np.max(arr)) if isinstance(arr, np.ndarray) else (jnp.min(arr), jnp.max(arr))
+    # A concrete array can meet a jit trace as a closed-over constant: evaluate its min/max now
+    # rather than staging them into the trace.
+    with jax.ensure_compile_time_eval():
+        lo, hi = (np.min(arr), np.max(arr)) if isinstance(arr, np.ndarray) else (jnp.min(arr), jnp.max(arr))
     if int(lo) < 0 or int(hi) >= vocab_size:
         host = np.asarray(arr)
         position = tuple(int(i) for i in np.argwhere((host < 0) | (host >= vocab_size))[0])
