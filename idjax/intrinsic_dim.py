@@ -15,9 +15,10 @@ scale (a lattice, quantised or binary values), where the continuous model does n
 is not identifiable: on a 1-D lattice every interior point has mu = 1, and the estimators would
 return NaN (TwoNN fit), inf (MLE) or the edge of GRIDE's search bracket. Ties are treated as follows:
   * a tie enters the estimate as its measured value, mu = 1 (log mu = 0; GRIDE nudges it by 10 eps,
-    as DADApy does), as long as ties cover at most 1/sqrt(N) of the points. Replacing a fraction p
-    of the ratios by 1 moves the MLE by a relative p at most, so this keeps the worst case within
-    the estimate's own relative standard error, 1/sqrt(N);
+    as DADApy does), as long as ties cover at most 1/sqrt(N) of the points. Setting the smallest
+    fraction p of the ratios to 1 raises the MLE by a relative p / (1 - p) at most (the smallest p
+    of the log mu carry at most p of their sum), so this keeps the worst case about within the
+    estimate's own relative standard error, 1/sqrt(N);
   * beyond that, the estimate refuses with a ValueError that says how many points tie at which
     ranks and what to do: measure at larger ranks (GRIDE) where the ties vanish; if the values are
     a quantisation of continuous data, dither them (uniform jitter of +-half the quantisation step),
@@ -54,9 +55,9 @@ GRIDE_TOL = 1e-7
 GRIDE_SCORE_FLOOR = 2e-7
 GRIDE_FISHER_FLOOR = 1e-7
 OUTLIER_SCALE = 20.0
-_MAX_BISECTIONS = 80
+_MAX_BISECTIONS = 80  # bracket width 1e6 -> 1e-7 takes 44 halvings; float32 may never reach 1e-7
 # A GRIDE result within this relative distance of either bracket end is the bracket, not a maximum.
-BRACKET_EDGE = 1e-2  # bracket width 1e6 -> 1e-7 takes 44 halvings; float32 may never reach 1e-7
+BRACKET_EDGE = 1e-2
 
 
 class Estimate(float):
