@@ -6,6 +6,27 @@ difference: neighbour ranks are 1-based with the point itself excluded by index,
 
 Public functions validate on the host and return Python floats / numpy arrays. The `*_from_mus`
 kernels are pure, jit-able and vmappable (across scales, layers or bootstrap repeats).
+
+Ties (mu == 1 exactly, r_n1 == r_n2 > 0). Under the model both estimators rest on (locally uniform
+density on a d-dimensional manifold), mu = r_n2 / r_n1 has a continuous law (Pareto for TwoNN, the
+GRIDE law in general) with P(mu = 1) = 0; even the smallest of N ratios exceeds 1 by about
+1 / (N d), far above float resolution. An exact tie therefore means the data are discrete at that
+scale (a lattice, quantised or binary values), where the continuous model does not hold and the ID
+is not identifiable: on a 1-D lattice every interior point has mu = 1, and the estimators would
+return NaN (TwoNN fit), inf (MLE) or the edge of GRIDE's search bracket. Ties are treated as follows:
+  * a tie enters the estimate as its measured value, mu = 1 (log mu = 0; GRIDE nudges it by 10 eps,
+    as DADApy does), as long as ties cover at most 1/sqrt(N) of the points. Setting the smallest
+    fraction p of the ratios to 1 raises the MLE by a relative p / (1 - p) at most (the smallest p
+    of the log mu carry at most p of their sum), so this keeps the worst case about within the
+    estimate's own relative standard error, 1/sqrt(N);
+  * beyond that, the estimate refuses with a ValueError that says how many points tie at which
+    ranks and what to do: measure at larger ranks (GRIDE) where the ties vanish; if the values are
+    a quantisation of continuous data, dither them (uniform jitter of +-half the quantisation step),
+    which restores the continuous law. On a genuine lattice the nearest-neighbour ID is not defined:
+    jitter much smaller than the spacing only measures the jitter (mu = 1 + O(jitter) gives an
+    ID that grows without bound as the jitter shrinks), and GRIDE refuses it at its bracket edge.
+Every result is also checked on the way out: no estimator returns NaN, inf, a non-positive ID or
+the edge of GRIDE's bisection bracket silently.
 """
 
 from __future__ import annotations
@@ -13,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +45,7 @@ from idjax.neighbors import (
     compute_dtype,
     find_duplicates,
     knn,
+    prepare_points,
 )
 
 # DADApy's GRIDE settings: bisection bracket and width, floors for 1 - mu^-d, nudge for mu == 1,
@@ -33,6 +56,8 @@ GRIDE_SCORE_FLOOR = 2e-7
 GRIDE_FISHER_FLOOR = 1e-7
 OUTLIER_SCALE = 20.0
 _MAX_BISECTIONS = 80  # bracket width 1e6 -> 1e-7 takes 44 halvings; float32 may never reach 1e-7
+# A GRIDE result within this relative distance of either bracket end is the bracket, not a maximum.
+BRACKET_EDGE = 1e-2
 
 
 class Estimate(float):
@@ -109,6 +134,8 @@ def twonn_from_mus(mus: jax.Array, valid: jax.Array | None = None, *, method: st
     Returns:
       scalar ID.
     """
+    chex.assert_rank(mus, 1)
+    chex.assert_type(mus, float)
     dtype = mus.dtype
     if valid is None:
         valid = jnp.ones(mus.shape, bool)
@@ -116,6 +143,7 @@ def twonn_from_mus(mus: jax.Array, valid: jax.Array | None = None, *, method: st
             n_keep = int(mus.shape[0] * fraction)
     elif n_keep is None:
         raise ValueError("pass n_keep = int(valid.sum() * fraction) together with a `valid` mask")
+    chex.assert_shape(valid, mus.shape)
     log_mu = jnp.where(valid, jnp.log(jnp.where(valid, mus, 1.0)), 0.0)
     n = jnp.sum(valid).astype(dtype)
     if method == "mle":
@@ -140,6 +168,8 @@ def _gride_neg_score(d, log_mu, valid, n1, n2, n):
 
 def gride_log_likelihood(d, mus, valid, n1, n2) -> jax.Array:
     """The GRIDE log-likelihood of ID `d` for ratios mu = r_n2 / r_n1 (valid points only)."""
+    chex.assert_rank(mus, 1)
+    chex.assert_shape(valid, mus.shape)
     dtype = mus.dtype
     n = jnp.sum(valid).astype(dtype)
     log_mu = jnp.where(valid, jnp.log(jnp.where(valid, mus, 2.0)), 1.0)
@@ -162,6 +192,9 @@ def gride_from_mus(mus: jax.Array, valid: jax.Array, n1, n2, *, remove_outliers:
     Returns:
       (id, err), scalars. The bisection runs on [1e-3, 1e3] to width 1e-7 like DADApy's.
     """
+    chex.assert_rank(mus, 1)
+    chex.assert_type(mus, float)
+    chex.assert_shape(valid, mus.shape)
     dtype = mus.dtype
     n1 = jnp.asarray(n1, dtype)
     n2 = jnp.asarray(n2, dtype)
@@ -208,14 +241,13 @@ _twonn_jit = jax.jit(twonn_from_mus, static_argnames=("method",))
 # Host-level API with validation and the duplicates policy.
 
 
-def _ratios(distances, n1: int, n2: int, duplicates: str) -> tuple[jax.Array, jax.Array, int]:
-    """mu = r_n2 / r_n1 and the validity mask under the duplicates policy; also the dropped count.
+def _valid_points(distances, duplicates: str) -> tuple[np.ndarray, int]:
+    """(N,) mask of the points that take part under the duplicates policy, and how many were dropped.
 
     A point is a duplicate when its nearest neighbour is at distance 0; under "drop" it is left out
     at every rank, so all estimators on one graph use the same points.
     """
     validation.check_duplicates_policy(duplicates)
-    distances = validation.as_distances(distances, min_columns=n2)
     zero = np.asarray(distances[:, 0]) <= 0.0
     n_zero = int(zero.sum())
     if n_zero and duplicates == "error":
@@ -226,11 +258,74 @@ def _ratios(distances, n1: int, n2: int, duplicates: str) -> tuple[jax.Array, ja
         )
     if len(zero) - n_zero < 3:
         raise ValueError(f"only {len(zero) - n_zero} points remain after dropping duplicates; need >= 3")
+    return ~zero, n_zero
+
+
+def _ratios(distances, n1: int, n2: int, duplicates: str) -> tuple[jax.Array, jax.Array, int]:
+    """mu = r_n2 / r_n1 and the validity mask under the duplicates policy; also the dropped count."""
+    distances = validation.as_distances(distances, min_columns=n2)
+    valid, n_zero = _valid_points(distances, duplicates)
+    check_ties(distances, valid, [(n1, n2)])
     dtype = compute_dtype(distances)
     d = jnp.asarray(distances, dtype)
-    valid = jnp.asarray(~zero)
+    valid = jnp.asarray(valid)
     mus = jnp.where(valid, d[:, n2 - 1] / jnp.where(valid, d[:, n1 - 1], 1.0), 1.0)
     return mus, valid, n_zero
+
+
+def max_tie_fraction(n_points: int) -> float:
+    """The largest fraction of tied ratios (mu == 1) an estimate on N points accepts: 1/sqrt(N)."""
+    return 1.0 / math.sqrt(n_points)
+
+
+def check_ties(distances, valid: np.ndarray, rank_pairs: list[tuple[int, int]]) -> None:
+    """Refuses rank pairs (n1, n2) at which more than 1/sqrt(N) of the valid points have r_n1 == r_n2.
+
+    See the module docstring for why exact ties mean the ID is not identifiable at that scale.
+    """
+    valid = np.asarray(valid)
+    n_valid = int(valid.sum())
+    limit = max_tie_fraction(n_valid)
+    bad = []
+    for n1, n2 in rank_pairs:
+        tied = int(np.sum(valid & (np.asarray(distances[:, n2 - 1]) == np.asarray(distances[:, n1 - 1]))))
+        if tied > limit * n_valid:
+            bad.append(f"{tied} of {n_valid} points at (n1, n2) = ({n1}, {n2})")
+    if bad:
+        fine = [f"({a}, {b})" for a, b in rank_pairs if not any(f"({a}, {b})" in item for item in bad)]
+        larger = f" (here: {', '.join(fine)})" if fine else ""
+        raise ValueError(
+            f"tied neighbour distances, r_n1 == r_n2 exactly (mu = 1): {'; '.join(bad)}, more than "
+            f"1/sqrt(N) = {limit:.1%} of the points. Under the TwoNN/GRIDE model mu is continuous with "
+            "P(mu = 1) = 0, so ties mean the data are discrete (a lattice, quantised or binary values) at this "
+            "scale and the ID is not identifiable there. Estimate at larger ranks where the ties vanish"
+            f"{larger}; if the values are quantised continuous data, dither them (uniform jitter of +-half the "
+            "quantisation step). On a true lattice the ID at this scale is not defined."
+        )
+
+
+def _checked_id(value: float, what: str) -> float:
+    """Refuses a non-finite or non-positive ID (a degenerate input the checks before did not catch)."""
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(
+            f"{what} gave ID = {value}: the distance ratios are degenerate (e.g. (almost) all equal to 1). "
+            "Check the data for ties or quantisation; see idjax.intrinsic_dim's docstring on ties."
+        )
+    return value
+
+
+def _checked_gride(d: np.ndarray, what: str) -> np.ndarray:
+    """Refuses GRIDE IDs at the edge of the bisection bracket: the likelihood has no maximum inside it."""
+    d = np.atleast_1d(np.asarray(d, np.float64))
+    lo, hi = GRIDE_BRACKET
+    edge = ~np.isfinite(d) | (d <= lo * (1 + BRACKET_EDGE)) | (d >= hi * (1 - BRACKET_EDGE))
+    if edge.any():
+        raise ValueError(
+            f"{what}: the likelihood has no maximum inside the search bracket [{lo:g}, {hi:g}] (the bisection "
+            f"ended at {d[edge][0]:.4g}); the distance ratios are degenerate at this scale (ties, quantised "
+            "data, or too few points). Check the data, or use other ranks."
+        )
+    return d
 
 
 def twonn(distances, *, method: str = "fit", fraction: float = 0.9, duplicates: str = "error") -> Estimate:
@@ -255,7 +350,7 @@ def twonn(distances, *, method: str = "fit", fraction: float = 0.9, duplicates: 
     if method == "fit" and n_keep < 2:
         raise ValueError(f"fraction={fraction} keeps {n_keep} points; the fit needs at least 2")
     value = float(_twonn_jit(mus, valid, method=method, fraction=fraction, n_keep=n_keep))
-    return Estimate(value, int(valid.sum()), n_dropped)
+    return Estimate(_checked_id(value, f"TwoNN ({method})"), int(valid.sum()), n_dropped)
 
 
 def gride(distances, n1: int = 1, n2: int = 2, *, duplicates: str = "error") -> GrideEstimate:
@@ -268,6 +363,7 @@ def gride(distances, n1: int = 1, n2: int = 2, *, duplicates: str = "error") -> 
         raise ValueError(f"need integer ranks 1 <= n1 < n2; got n1={n1}, n2={n2}")
     mus, valid, n_dropped = _ratios(distances, int(n1), int(n2), duplicates)
     d, err = _gride_from_mus_jit(mus, valid, n1, n2)
+    _checked_gride(d, f"GRIDE at (n1, n2) = ({n1}, {n2})")
     return GrideEstimate(float(d), float(err), n_dropped=n_dropped)
 
 
@@ -300,13 +396,16 @@ def gride_scaling(distances, range_max: int = 64, *, duplicates: str = "error") 
         )
     ranks = gride_ranks(range_max, distances.shape[1])
     # A positive rank-1 distance makes every ratio finite, so one mask serves all scales.
-    _, valid, n_dropped = _ratios(distances, 1, 2, duplicates)
+    valid, n_dropped = _valid_points(distances, duplicates)
+    check_ties(distances, valid, [(int(r // 2), int(r)) for r in ranks])
+    valid = jnp.asarray(valid)
     dtype = compute_dtype(distances)
     d = jnp.asarray(distances, dtype)
     safe = jnp.where(valid[:, None], d, 1.0)
     mus = safe[:, ranks - 1] / safe[:, ranks // 2 - 1]
     valids = jnp.broadcast_to(valid[:, None], mus.shape)
     ids, errs = _gride_scales_jit(mus, valids, jnp.asarray(ranks // 2, dtype), jnp.asarray(ranks, dtype))
+    _checked_gride(ids, "GRIDE scaling")
     return GrideScaling(np.asarray(ids), np.asarray(errs), ranks, n_dropped=n_dropped)
 
 
@@ -319,7 +418,19 @@ def _twonn_on_subsets(subsets: jax.Array, *, method: str, fraction: float) -> np
         dist = _two_nearest_dense(subsets.astype(compute_dtype(subsets)))
     if bool((dist[..., 0] <= 0).any()):
         raise ValueError("a decimation subset contains duplicate points")
-    return np.asarray(_twonn_batched(dist[..., 1] / dist[..., 0], method, fraction))
+    tied = int(jnp.sum(dist[..., 1] == dist[..., 0]))
+    if tied > max_tie_fraction(size) * repeats * size:
+        raise ValueError(
+            f"tied neighbour distances, r1 == r2 exactly (mu = 1), at {tied} of {repeats * size} points in the "
+            f"decimation subsets of {size} points, more than 1/sqrt({size}) = {max_tie_fraction(size):.1%}. "
+            "Under the TwoNN model P(mu = 1) = 0, so the data are discrete at this scale and the ID is not "
+            "identifiable there; use GRIDE at larger ranks, or dither quantised data (uniform jitter of +-half "
+            "the quantisation step)."
+        )
+    ids = np.asarray(_twonn_batched(dist[..., 1] / dist[..., 0], method, fraction))
+    for value in ids:
+        _checked_id(float(value), f"TwoNN ({method}) on a decimation subset of {size} points")
+    return ids
 
 
 @jax.jit
@@ -370,8 +481,9 @@ def twonn_decimation(
     Returns:
       DecimationScaling(ids, errs, sizes), each (S,), sizes descending; `.n_dropped` duplicates.
     """
-    x = validation.as_points(x, "x", min_points=3)
     validation.check_duplicates_policy(duplicates)
+    # The ID is scale-invariant: data at extreme magnitudes are rescaled by a power of two (exact).
+    (x,), _ = prepare_points([x], ["x"], min_points=3)
     dup = find_duplicates(x)
     if dup.count:
         if duplicates == "error":

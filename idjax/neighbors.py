@@ -14,6 +14,7 @@ import math
 import os
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +76,12 @@ def plan_knn(n: int, dim: int, k: int, *, devices: int = 1, memory_bytes: int | 
     Raises:
       MemoryError naming the sizes and what would fit (fewer points, or more devices).
     """
+    sizes = {"n": n, "dim": dim, "k": k, "devices": devices, "itemsize": itemsize}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"plan_knn: {name} must be a positive integer; got {value!r}")
+    validation.check_optional_positive(memory_bytes, "memory_bytes")
+    validation.check_optional_positive(memory_budget_bytes, "memory_budget_bytes")
     memory = memory_bytes or device_memory_bytes()
     usable = memory // 2
     rows = -(-n // devices)
@@ -147,6 +154,9 @@ def rerank_rows(n_candidates: int, dim: int, itemsize: int, platform: str | None
 @functools.partial(jax.jit, static_argnames=("k", "k_search", "block_size", "exclude_self", "rerank_rows"))
 def _knn_blocks(queries: jax.Array, ref: jax.Array, *, k: int, k_search: int, block_size: int,
                 exclude_self: bool, rerank_rows: int) -> tuple[jax.Array, jax.Array]:
+    chex.assert_rank([queries, ref], 2)
+    chex.assert_equal_shape([queries, ref], dims=1)
+    chex.assert_type([queries, ref], float)
     n_query, dim = queries.shape
     n_ref = ref.shape[0]
     n_blocks = -(-n_query // block_size)
@@ -224,17 +234,22 @@ def knn(
     Returns:
       Neighbors(distances (N, k) ascending float32 (float64 under x64 with float64 input),
                 indices (N, k) int32).
+
+    Data at any magnitude the output dtype can hold give the graph they give at unit scale: outside
+    [2^-32, 2^32] they are rescaled internally by a power of two (exact) and the distances scaled
+    back; integers float32 cannot represent exactly, or magnitudes whose distances float32 cannot
+    hold (outside about 4e-31..2e37), are refused with a ValueError.
     """
-    x = validation.as_points(x, "x")
-    ref = x if y is None else validation.as_points(y, "y")
+    arrays, exponent = prepare_points([x] if y is None else [x, y], ["x", "y"])
+    x, ref = arrays[0], arrays[-1]
     if ref.shape[1] != x.shape[1]:
         raise ValueError(f"x has dimension {x.shape[1]} but y has dimension {ref.shape[1]}")
     available = ref.shape[0] - (1 if y is None else 0)
     validation.check_k(k, available, what="neighbours", n_points=ref.shape[0])
-    dtype = compute_dtype(x)
-    x = jnp.asarray(x, dtype)
-    ref = x if y is None else jnp.asarray(ref, dtype)
+    dtype = x.dtype
     k_search = min(k + EXTRA_CANDIDATES, available)  # one more is added for the point itself
+    validation.check_optional_positive(block_size, "block_size")
+    validation.check_optional_positive(memory_budget_bytes, "memory_budget_bytes")
     if block_size is None:
         block_size = plan_knn(ref.shape[0], ref.shape[1], k, itemsize=dtype.itemsize,
                               memory_budget_bytes=memory_budget_bytes).block_size
@@ -244,7 +259,25 @@ def knn(
                             exclude_self=y is None,
                             rerank_rows=rerank_rows(n_candidates, ref.shape[1], dtype.itemsize,
                                                     platform=next(iter(ref.devices())).platform))
+    if exponent:
+        dist = dist * jnp.asarray(2.0**exponent, dist.dtype)
     return Neighbors(dist, idx)
+
+
+def prepare_points(arrays, names, *, min_points: int = 2) -> tuple[list[jax.Array], int]:
+    """Validates (N, D) point sets and returns them in one compute dtype (the first one's), all scaled
+    by the same 2^-exponent, with that exponent (0 for data of ordinary magnitude).
+
+    The exponent comes from the largest magnitude over all sets (`validation.scale_exponent`), which
+    is also the finiteness check, so the data are read once.
+    """
+    checked = [validation.checked_points(a, name, min_points=min_points)
+               for a, name in zip(arrays, names[: len(arrays)], strict=True)]
+    dtype = compute_dtype(checked[0][0])
+    integer = any(jnp.issubdtype(a.dtype, jnp.integer) for a, _ in checked)
+    exponent = validation.scale_exponent(max(b for _, b in checked), dtype, integer=integer,
+                                         dim=checked[0][0].shape[1], name=" and ".join(names[: len(arrays)]))
+    return [validation.scaled(a, exponent, dtype) for a, _ in checked], exponent
 
 
 class Duplicates(NamedTuple):

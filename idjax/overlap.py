@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,7 @@ def _check_indices(indices, k: int, name: str = "indices") -> jax.Array:
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise TypeError(f"{name} must be integer neighbour indices; got dtype {indices.dtype}")
     validation.check_k(k, indices.shape[1], what=f"neighbour columns of {name}")
-    return jnp.asarray(indices[:, :k], jnp.int32)
+    return jnp.asarray(validation.as_neighbor_indices(indices[:, :k], indices.shape[0], name), jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "weighted"))
@@ -33,6 +34,9 @@ def label_overlap_per_point(indices: jax.Array, labels: jax.Array, *, num_classe
     `weighted` has no effect per point; it is accepted so both variants share one signature.
     """
     del num_classes, weighted
+    chex.assert_rank(indices, 2)
+    chex.assert_type(indices, int)
+    chex.assert_shape(labels, (indices.shape[0],))
     return jnp.mean(labels[indices] == labels[:, None], axis=1, dtype=jnp.float32)
 
 
@@ -66,6 +70,9 @@ def label_overlap(indices, labels, k: int, *, weighted: bool = False, per_point:
 @jax.jit
 def data_overlap_per_point(indices_a: jax.Array, indices_b: jax.Array) -> jax.Array:
     """|kNN_A(i) ∩ kNN_B(i)| / k per point: (N, k), (N, k) -> (N,)."""
+    chex.assert_rank(indices_a, 2)
+    chex.assert_equal_shape([indices_a, indices_b])
+    chex.assert_type([indices_a, indices_b], int)
     k = indices_a.shape[1]
     shared = jnp.any(indices_a[:, :, None] == indices_b[:, None, :], axis=2)
     return jnp.sum(shared, axis=1, dtype=jnp.float32) / k

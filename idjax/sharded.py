@@ -77,6 +77,7 @@ class ShardedRows(NamedTuple):
     points: jax.Array
     ids: jax.Array
     positions: np.ndarray
+    exponent: int = 0  # points hold the data times 2^-exponent (see `idjax.validation.scale_exponent`)
 
     @property
     def n(self) -> int:
@@ -135,8 +136,11 @@ def shard_rows(local_rows, *, mesh: Mesh | None = None, axis_name: str = "data")
       another host.
     """
     mesh = _check_mesh(mesh, axis_name)
-    local = np.asarray(validation.as_points(local_rows, "local_rows", min_points=0))
+    local, biggest = validation.checked_points(local_rows, "local_rows", min_points=0)
+    local = np.asarray(local)
     shapes = _allgather_host(np.asarray(local.shape, np.int64))
+    biggest = float(_allgather_host(np.asarray([biggest], np.float64)).max())
+    integer = bool(_allgather_host(np.asarray([np.issubdtype(local.dtype, np.integer)])).any())
     if len(set(shapes[:, 1].tolist())) != 1:
         raise ValueError(f"processes hold rows of different dimension: {shapes[:, 1].tolist()}")
     counts = shapes[:, 0]
@@ -155,8 +159,9 @@ def shard_rows(local_rows, *, mesh: Mesh | None = None, axis_name: str = "data")
     offset = int(counts[:me].sum())
     count = int(counts[me])
     dtype = np.dtype(compute_dtype(local))
+    exponent = validation.scale_exponent(biggest, dtype, integer=integer, dim=local.shape[1], name="local_rows")
     padded = np.zeros((m, local.shape[1]), dtype)
-    padded[:count] = local
+    padded[:count] = np.ldexp(local.astype(np.float64), -exponent) if exponent else local
     ids = np.full((m,), -1, np.int32)
     ids[:count] = offset + np.arange(count, dtype=np.int32)
     points = jax.make_array_from_process_local_data(
@@ -167,7 +172,7 @@ def shard_rows(local_rows, *, mesh: Mesh | None = None, axis_name: str = "data")
     local_positions[:count] = stored_at[:count]
     all_positions = _allgather_host(local_positions)
     positions = np.concatenate([all_positions[p, : counts[p]] for p in range(len(counts))])
-    return ShardedRows(points, id_array, positions)
+    return ShardedRows(points, id_array, positions, exponent)
 
 
 def _ring_kernel(x_local, id_local, *, axis_name: str, n_dev: int, k: int, k_search: int, block: int, chunk: int):
@@ -391,10 +396,12 @@ def memory_per_device(n: int, dim: int, k: int, n_devices: int, *, itemsize: int
     return int(words * itemsize)
 
 
-def _all_finite(x: jax.Array) -> bool:
+def _max_abs(x: jax.Array) -> float:
+    """Largest |entry| of a global array (NaN/inf if any entry is), as `validation.max_abs` on one host."""
     replicated = NamedSharding(x.sharding.mesh, P()) if isinstance(x.sharding, NamedSharding) else None
-    check = jax.jit(lambda a: jnp.all(jnp.isfinite(a)), out_shardings=replicated)
-    return bool(check(x))
+    check = jax.jit(lambda a: jnp.max(jnp.abs(a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.integer) else a)),
+                    out_shardings=replicated)
+    return float(check(x))
 
 
 def knn_sharded(
@@ -421,8 +428,11 @@ def knn_sharded(
     Returns:
       Neighbors(distances (N, k) ascending float32 (float64 under x64 with float64 input),
                 indices (N, k) int32 global row indices): global arrays sharded by rows if the axis
-      size divides N, else replicated over the mesh. Equal to `idjax.knn(x, k)`.
+      size divides N, else replicated over the mesh. Equal to `idjax.knn(x, k)`, including its
+      power-of-two rescaling of data at extreme magnitudes and its refusals.
     """
+    validation.check_optional_positive(block_size, "block_size")
+    validation.check_optional_positive(memory_budget_bytes, "memory_budget_bytes")
     mesh = _check_mesh(mesh, axis_name)
     n_dev = mesh.shape[axis_name]
     positions = None
@@ -434,6 +444,7 @@ def knn_sharded(
                 or tuple(sharding.spec)[:1] != (axis_name,)):
             raise ValueError("ShardedRows was built for another mesh or axis; call shard_rows with this mesh")
         points, ids = x.points, x.ids
+        exponent = x.exponent
         n_pad = points.shape[0]
         if not np.array_equal(x.positions, np.arange(n)):
             positions = np.asarray(x.positions, np.int32)
@@ -443,19 +454,24 @@ def knn_sharded(
                 raise ValueError(f"x must be a 2-D array (N points, D features); got shape {tuple(x.shape)}")
             if not set(x.sharding.device_set) <= set(mesh.devices.flat):
                 raise ValueError("x lives on devices outside the mesh; pass the mesh it is sharded over")
-            if jnp.issubdtype(x.dtype, jnp.floating) and not _all_finite(x):
+            biggest = _max_abs(x)
+            if not math.isfinite(biggest):
                 raise ValueError("x contains NaN/inf entries")
         else:
-            x = validation.as_points(x, "x")
+            x, biggest = validation.checked_points(x, "x")
             if isinstance(x, jax.Array) and not set(x.sharding.device_set) <= set(mesh.devices.flat):
                 x = np.asarray(x)
         n, dim = x.shape
         dtype = compute_dtype(x)
+        exponent = validation.scale_exponent(biggest, dtype, integer=bool(jnp.issubdtype(x.dtype, jnp.integer)),
+                                             dim=dim)
         n_pad = n_dev * max(1, math.ceil(n / n_dev))
         if not isinstance(x, jax.Array):  # each device receives only its own rows
             host = np.zeros((n_pad, dim), dtype)
-            host[:n] = np.asarray(x).astype(dtype, copy=False)
+            host[:n] = np.ldexp(np.asarray(x, np.float64), -exponent) if exponent else np.asarray(x).astype(dtype)
             x = jax.make_array_from_process_local_data(NamedSharding(mesh, P(axis_name, None)), host, host.shape)
+        elif exponent:  # a device array: scaled on its devices (exact), keeping its sharding
+            x = jax.jit(lambda a: a.astype(dtype) * jnp.asarray(2.0**-exponent, dtype))(x)
         points, ids = x, None
     validation.check_k(k, n - 1, what="neighbours", n_points=n)
     k_search = min(k + EXTRA_CANDIDATES, n - 1)
@@ -465,6 +481,8 @@ def knn_sharded(
     program = _program(mesh, axis_name, int(n), int(n_pad), int(k), int(k_search), int(block), chunk,
                        jnp.dtype(dtype).name, positions is not None)
     dist, idx = program(points, ids, positions)
+    if exponent:
+        dist = dist * jnp.asarray(2.0**exponent, dist.dtype)
     return Neighbors(dist, idx)
 
 

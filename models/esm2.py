@@ -40,6 +40,7 @@ from models import checkpoints
 from models.checkpoints import CheckpointError, PathLike
 from models.pooling import first_token, masked_mean
 from models.protein_tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID
+from models.token_ids import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -173,35 +174,44 @@ def get_config(name: str, **overrides: Any) -> ESM2Config:
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ESM2Config:
-    """ESM2Config from a HF `config.json` dict; rejects ESM variants this port does not implement."""
-    if hf.get("model_type") != "esm":
+    """ESM2Config from a HF `config.json` dict; rejects ESM variants this port does not implement.
+
+    Every field is read with `checkpoints.config_field` (typed, bounded, naming the file and key).
+    """
+    field = functools.partial(checkpoints.config_field, hf)
+    if field("model_type", str, None) != "esm":
         raise ValueError(f"not an ESM config (model_type={hf.get('model_type')!r})")
     checks = {
-        "position_embedding_type": ("rotary", hf.get("position_embedding_type", "absolute")),
-        "emb_layer_norm_before": (False, bool(hf.get("emb_layer_norm_before", False))),
-        "is_folding_model": (False, bool(hf.get("is_folding_model", False))),
-        "is_decoder": (False, bool(hf.get("is_decoder", False))),
-        "hidden_act": ("gelu", hf.get("hidden_act", "gelu")),
-        "tie_word_embeddings": (True, bool(hf.get("tie_word_embeddings", True))),
+        "position_embedding_type": ("rotary", field("position_embedding_type", str, "absolute")),
+        "emb_layer_norm_before": (False, field("emb_layer_norm_before", bool, False)),
+        "is_folding_model": (False, field("is_folding_model", bool, False)),
+        "is_decoder": (False, field("is_decoder", bool, False)),
+        "hidden_act": ("gelu", field("hidden_act", str, "gelu")),
+        "tie_word_embeddings": (True, field("tie_word_embeddings", bool, True)),
     }
     bad = {k: got for k, (want, got) in checks.items() if got != want}
     if bad:
         raise ValueError(f"unsupported ESM config (this is an ESM-2 port): {bad}")
-    name = str(hf.get("_name_or_path") or "custom").rstrip("/").split("/")[-1]
+    name = str(field("_name_or_path", str, "") or "custom").rstrip("/").split("/")[-1]
+    rope = checkpoints.config_field(field("rope_parameters", dict, {}), "rope_theta", float, 10000.0, positive=True)
+    max_positions = field("max_position_embeddings", int, 1026, positive=True) - 2
+    if max_positions < 1:
+        raise checkpoints.CheckpointError(
+            f"{getattr(hf, 'source', 'config.json')}: max_position_embeddings must exceed 2 (two are reserved)")
     cfg = ESM2Config(
-        num_layers=int(hf["num_hidden_layers"]),
-        embed_dim=int(hf["hidden_size"]),
-        num_heads=int(hf["num_attention_heads"]),
-        ffn_dim=int(hf["intermediate_size"]),
-        vocab_size=int(hf.get("vocab_size", 33)),
-        pad_id=int(hf.get("pad_token_id", PAD_ID)),
-        mask_id=int(hf.get("mask_token_id", MASK_ID)),
-        token_dropout=bool(hf.get("token_dropout", True)),
+        num_layers=field("num_hidden_layers", int, positive=True),
+        embed_dim=field("hidden_size", int, positive=True),
+        num_heads=field("num_attention_heads", int, positive=True),
+        ffn_dim=field("intermediate_size", int, positive=True),
+        vocab_size=field("vocab_size", int, 33, positive=True),
+        pad_id=field("pad_token_id", int, PAD_ID, nonnegative=True),
+        mask_id=field("mask_token_id", int, MASK_ID, nonnegative=True),
+        token_dropout=field("token_dropout", bool, True),
         # EsmConfig's own default is 1e-12, so a config.json without the field means 1e-12.
-        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-        rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+        layer_norm_eps=field("layer_norm_eps", float, 1e-12, positive=True),
+        rope_theta=field("rope_theta", float, rope, positive=True),
         # HF counts 2 extra positions (ESM-1b learned-position offset); ESM-2 trained on 1024.
-        max_positions=int(hf.get("max_position_embeddings", 1026)) - 2,
+        max_positions=max_positions,
         name=name,
     )
     return cfg.replace(**overrides)
@@ -334,6 +344,7 @@ class ESM2(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> dict[str, Any]:
         cfg = self.config
+        check_token_ids(tokens, cfg.vocab_size, name="tokens")
         dtype = cfg.jnp_dtype
         embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name="embed_tokens")
         x = embed(tokens)
@@ -432,6 +443,7 @@ def pooled_hidden_states(
     """
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    check_token_ids(tokens, model.config.vocab_size, name="tokens")
     return _pooled_fn(model.config, pooling)(_unwrap(params), jnp.asarray(tokens, jnp.int32))
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from models import checkpoints
 from models.pooling import masked_mean
+from models.token_ids import check_token_ids
 
 PathLike = str | os.PathLike
 
@@ -123,29 +124,29 @@ def igpt_config(size: str, **overrides: Any) -> IGPTConfig:
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> IGPTConfig:
-    """IGPTConfig from a HF `config.json` dict (ImageGPTConfig fields; HF attribute-map aliases accepted)."""
-    if hf.get("model_type", "imagegpt") != "imagegpt":
+    """IGPTConfig from a HF `config.json` dict (ImageGPTConfig fields; HF attribute-map aliases accepted).
+
+    Every field is read with `checkpoints.config_field` (typed, bounded, naming the file and key).
+    """
+    field = functools.partial(checkpoints.config_field, hf)
+    if field("model_type", str, "imagegpt") != "imagegpt":
         raise ValueError(f"not an ImageGPT config: model_type={hf.get('model_type')!r}")
-    if hf.get("add_cross_attention", False):
+    if field("add_cross_attention", bool, False):
         raise ValueError("ImageGPT with cross-attention is not supported")
-
-    def get(name: str, alias: str, default: Any) -> Any:
-        return hf.get(name, hf.get(alias, default))
-
     # `reorder_and_upcast_attn` only changes mixed-precision numerics; scores here are always
     # soft-maxed in float32, so it is accepted and ignored.
     return IGPTConfig(
-        vocab_size=int(hf.get("vocab_size", 513)),
-        n_positions=int(get("n_positions", "max_position_embeddings", 1024)),
-        n_embd=int(get("n_embd", "hidden_size", 512)),
-        n_layer=int(get("n_layer", "num_hidden_layers", 24)),
-        n_head=int(get("n_head", "num_attention_heads", 8)),
-        n_inner=hf.get("n_inner"),
-        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
-        activation_function=hf.get("activation_function", "quick_gelu"),
-        scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
-        scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
+        vocab_size=field("vocab_size", int, 513, positive=True),
+        n_positions=field("n_positions", int, 1024, aliases=("max_position_embeddings",), positive=True),
+        n_embd=field("n_embd", int, 512, aliases=("hidden_size",), positive=True),
+        n_layer=field("n_layer", int, 24, aliases=("num_hidden_layers",), positive=True),
+        n_head=field("n_head", int, 8, aliases=("num_attention_heads",), positive=True),
+        n_inner=field("n_inner", int, None, positive=True),
+        layer_norm_epsilon=field("layer_norm_epsilon", float, 1e-5, positive=True),
+        activation_function=field("activation_function", str, "quick_gelu"),
+        scale_attn_weights=field("scale_attn_weights", bool, True),
+        scale_attn_by_inverse_layer_idx=field("scale_attn_by_inverse_layer_idx", bool, False),
+        initializer_range=field("initializer_range", float, 0.02, nonnegative=True),
     )
 
 
@@ -239,6 +240,7 @@ class IGPT(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> dict[str, Any]:
         cfg = self.config
+        check_token_ids(tokens, cfg.vocab_size, name="tokens")
         t = tokens.shape[-1]
         if t > cfg.n_positions:
             raise ValueError(f"sequence length {t} exceeds n_positions={cfg.n_positions}")
@@ -277,10 +279,7 @@ def add_start_token(pixels: np.ndarray | jax.Array, start_token: int) -> np.ndar
       as in OpenAI's `tf.concat([sos_tok, h[:, :-1, :]], axis=1)`). numpy in -> numpy out.
     """
     xp = np if isinstance(pixels, np.ndarray) else jnp
-    if isinstance(pixels, np.ndarray) and pixels.size and (pixels.min() < 0 or pixels.max() >= start_token):
-        raise ValueError(
-            f"pixel ids must lie in [0, {start_token}); got range [{pixels.min()}, {pixels.max()}]"
-        )
+    check_token_ids(pixels, start_token, name="pixel ids", what="colour count (= start token)")
     pixels = xp.asarray(pixels, dtype=xp.int32)
     start = xp.full(pixels.shape[:-1] + (1,), start_token, dtype=xp.int32)
     return xp.concatenate([start, pixels[..., :-1]], axis=-1)
@@ -416,4 +415,5 @@ def pooled_representations(
     """
     if stream not in ("paper", "residual"):
         raise ValueError(f"stream must be 'paper' or 'residual', got {stream!r}")
+    check_token_ids(tokens, model.config.vocab_size, name="tokens")
     return _pooled(model, _as_params(params), jnp.asarray(tokens, jnp.int32), stream)

@@ -138,6 +138,9 @@ def tokenize(
     Returns:
       A TokenizedSequence whose `policy_applied` and `spans` state exactly what was done.
     """
+    if isinstance(max_residues, bool) or not isinstance(max_residues, int) or max_residues < 1:
+        raise ValueError(f"max_residues must be a positive integer (1022 for the published ESM-2 models); "
+                         f"got {max_residues!r}")
     ids, mapped = residue_ids(sequence, seq_id=seq_id, unknown=unknown)
     n = len(ids)
     if n == 0:

@@ -8,6 +8,7 @@ Tolerances: relative 1e-6 with x64, 1e-4 in float32.
 
 import pathlib
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ PRECISIONS = [pytest.param(True, 1e-6, id="x64"), pytest.param(False, 1e-4, id="
 
 
 def close(ours, theirs, rtol):
-    np.testing.assert_allclose(np.asarray(ours, np.float64), np.asarray(theirs, np.float64), rtol=rtol, atol=0)
+    chex.assert_trees_all_close(np.asarray(ours, np.float64), np.asarray(theirs, np.float64), rtol=rtol, atol=0)
 
 
 def dadapy_graph(name, x64):

@@ -12,6 +12,7 @@ import math
 import pathlib
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -450,7 +451,7 @@ def test_hf_roundtrip_without_torch(tiny_checkpoint):
     config, params, path = tiny_checkpoint
     loaded_config, loaded = esm2.load_hf(path)
     assert loaded_config == config
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, jax.device_get(params))
+    chex.assert_trees_all_equal(loaded, jax.device_get(params))
 
 
 def _copy_ckpt(src: pathlib.Path, dst: pathlib.Path, state: dict) -> pathlib.Path:

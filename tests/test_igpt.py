@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -298,7 +299,7 @@ def test_orbax_roundtrip(tmp_path):
     igpt.save(tmp_path / "ckpt", config, params)
     config2, params2 = igpt.restore(tmp_path / "ckpt")
     assert config2 == config
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
+    chex.assert_trees_all_equal(params, params2)
     tokens = igpt.add_start_token(_rng_pixels(config, batch=2), config.start_token)
     a = igpt.pooled_representations(igpt.IGPT(config), params, tokens)
     b = igpt.pooled_representations(igpt.IGPT(config2), params2, tokens)

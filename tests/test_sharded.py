@@ -7,6 +7,7 @@ compares them with idjax.knn computed here. Every subprocess has a timeout, so a
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import socket
@@ -199,3 +200,45 @@ def test_checks_and_memory_plan():
     assert one / 70 < eight < one / 30
     # Blocked by the default budget, the tile stays near 512 MiB and only the local rows shrink.
     assert sharded.memory_per_device(80_000, 512, 64, 8) < 700 * 2**20
+
+
+SCALED_SCRIPT = """
+import json, sys
+import numpy as np, jax
+import idjax
+from idjax import sharded
+assert jax.device_count() == 4
+x = np.random.default_rng(3).normal(size=(203, 5))
+base = idjax.knn(x.astype(np.float32), 7)
+base_id = float(idjax.twonn(base.distances))
+out = {}
+for dtype in ("float32", "float64"):
+    for exponent in (-20, -10, 10, 20):
+        scaled = (x * 10.0**exponent).astype(dtype)
+        for form, data in (("host", scaled), ("rows", sharded.shard_rows(scaled))):
+            dist, idx = sharded.gather_to_host(sharded.knn_sharded(data, 7))
+            out[f"{dtype}-{exponent}-{form}"] = [
+                bool(np.array_equal(idx, np.asarray(base.indices))),
+                float(np.max(np.abs(dist / 10.0**exponent / np.asarray(base.distances) - 1))),
+                abs(float(idjax.twonn(dist)) / base_id - 1)]
+try:
+    sharded.knn_sharded(x * 1e200, 7)
+    out["refused-1e200"] = False
+except ValueError as err:
+    out["refused-1e200"] = "cannot be represented in float32" in str(err)
+print(json.dumps(out))
+"""
+
+
+def test_scaled_copies_give_the_same_graph_on_four_devices():
+    """x 1e-20 ... x 1e20 (float32 and float64, host arrays and shard_rows) give the ring the same
+    neighbours, distances scaled exactly and the same TwoNN as unit-scale data; x 1e200 is refused."""
+    proc = subprocess.run([sys.executable, "-c", SCALED_SCRIPT], env=_env(4), cwd=REPO, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("refused-1e200") is True
+    assert len(out) == 16
+    for name, (same_indices, distance_error, id_error) in out.items():
+        assert same_indices, name
+        assert distance_error < 1e-5 and id_error < 1e-5, (name, distance_error, id_error)
