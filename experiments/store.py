@@ -51,12 +51,20 @@ def store_dir(workdir: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(workdir) / "representations"
 
 
+def _without_locations(obj: Any) -> Any:
+    """`obj` without its "locations" entries, at any depth: where files were found is recorded in the
+    description but is not part of what was extracted, so a moved checkout or a relatively named workdir
+    resumes."""
+    if isinstance(obj, dict):
+        return {key: _without_locations(value) for key, value in obj.items() if key != "locations"}
+    if isinstance(obj, list | tuple):
+        return [_without_locations(value) for value in obj]
+    return obj
+
+
 def open_plan(directory: pathlib.Path, batches: Sequence[Sequence[int]], description: dict) -> None:
     """Writes plan.json, or checks that an existing one describes the same extraction."""
-    # Where files were found ("locations") is recorded but not part of what was extracted: a moved
-    # checkout or a relatively named workdir resumes.
-    identity = {key: value for key, value in description.items() if key != "locations"}
-    plan = {"fingerprint": fingerprint(identity), "description": description,
+    plan = {"fingerprint": fingerprint(_without_locations(description)), "description": description,
             "batches": [list(map(int, b)) for b in batches]}
     path = directory / PLAN
     if path.exists():

@@ -54,6 +54,7 @@ def set_option(config, dotted, value):
 CHANGES = {
     "profile.k_max": (12, {"graph"}, {}),
     "profile.sharded": ("always", set(), {}),
+    "profile.verify_store": (False, set(), {}),
     "profile.twonn_fraction": (0.5, {"decimation"}, {}),
     "profile.gride_range_max": (8, set(), {}),
     "profile.decimation": (False, set(), {}),
