@@ -418,7 +418,8 @@ def test_a_renamed_or_relatively_named_workdir_resumes(tmp_path, monkeypatch):
     manifest = extract.run(config, pathlib.Path("moved"))  # relative, and not where the plan was written
     assert manifest["metadata"]["batches_computed_this_run"] == 2  # batch 0 was reused, not re-extracted
     model = manifest["metadata"]["model"]
-    assert model["palette"]["digest"] and "moved" not in json.dumps({k: v for k, v in model.items() if k != "locations"})
+    identity = {key: value for key, value in model.items() if key != "locations"}
+    assert model["palette"]["digest"] and "moved" not in json.dumps(identity)
 
 
 # ---------------------------------------------------------------------------------------------------
