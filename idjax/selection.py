@@ -83,8 +83,11 @@ def select_layer(ids, errors=None, *, z: float = 2.0, min_drop: float = 0.1, min
         raise ValueError(f"errors has shape {errors.shape}, ids has {ids.shape}")
     if not np.isfinite(errors).all() or (errors < 0).any():
         raise ValueError("errors must be finite and >= 0 (standard errors of the IDs)")
-    if min_plateau < 1:
-        raise ValueError(f"min_plateau must be >= 1; got {min_plateau}")
+    if not isinstance(min_plateau, int | np.integer) or min_plateau < 1:
+        raise ValueError(f"min_plateau must be an integer >= 1; got {min_plateau!r}")
+    for name, value in (("z", z), ("min_drop", min_drop), ("min_rise", min_rise)):
+        if not isinstance(value, int | float | np.number) or not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
     n = len(ids)
     span = float(ids.max() - ids.min())
 

@@ -109,3 +109,11 @@ def test_validation():
         select_layer([1, 2, 3], [1, 2])
     with pytest.raises(ValueError, match="finite and >= 0"):
         select_layer([1, 2, 3], [1, -2, 1])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        select_layer([1, 2, 3], [1, np.nan, 1])
+    for bad in ({"z": -1.0}, {"min_drop": np.nan}, {"min_rise": -0.1}, {"z": "2"}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number >= 0"):
+            select_layer([1, 3, 2, 4], **bad)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="min_plateau must be an integer >= 1"):
+            select_layer([1, 3, 2, 4], min_plateau=bad)
