@@ -277,7 +277,11 @@ def run_one(config, workdir: pathlib.Path):
     name = config.experiment
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--workdir={workdir} cannot be used as a directory ({err.strerror or err}); pass a "
+                        "writable directory path") from err
     module, function = EXPERIMENTS[name]
     logging.info("running %s in %s", name, workdir)
     return getattr(importlib.import_module(module), function)(config, workdir)

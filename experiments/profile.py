@@ -235,7 +235,8 @@ def chosen_id(metrics: dict, cfg: ml_collections.ConfigDict, estimator: str | No
     if estimator == "gride":
         ranks = list(metrics["gride_ranks"])
         if cfg.gride_rank not in ranks:
-            raise ValueError(f"profile.gride_rank={cfg.gride_rank} is not among the computed ranks {ranks}")
+            raise ValueError(f"profile.gride_rank={cfg.gride_rank} is not among the computed ranks "
+                             f"{[int(r) for r in ranks]}; set profile.gride_rank to one of them")
         i = ranks.index(cfg.gride_rank)
         return float(metrics["gride_ids"][i]), float(metrics["gride_errs"][i])
     if estimator == "gride_plateau":
@@ -260,7 +261,9 @@ def check_id_estimator(cfg: ml_collections.ConfigDict, n_points: int) -> None:
 def estimator_agreement(per_layer: list[dict], cfg: ml_collections.ConfigDict) -> dict:
     """Per layer, the IDs of TwoNN (all N), decimated TwoNN (when computed) and GRIDE at `gride_rank`, and
     their relative spread (max - min) / median, so that disagreement between scales is visible."""
-    names = ["twonn", "gride"] + (["twonn_decimated"] if "decimation_ids" in per_layer[0] else [])
+    gride_computed = cfg.gride_rank in [int(r) for r in per_layer[0]["gride_ranks"]]
+    names = ["twonn"] + (["gride"] if gride_computed else []) + (
+        ["twonn_decimated"] if "decimation_ids" in per_layer[0] else [])
     ids = {name: [chosen_id(m, cfg, name)[0] for m in per_layer] for name in names}
     table = np.array([ids[name] for name in names])
     spread = (table.max(0) - table.min(0)) / np.median(table, axis=0)

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="idjax_profile", help="output directory (default: ./idjax_profile)")
     parser.add_argument("--name", default=None, help="name shown in figures and tables")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a profile option (configs/base.py config.profile), e.g. k_max=32; repeatable")
+                        help="a profile option (configs/base.py config.profile), e.g. gride_rank=32; repeatable")
     parser.add_argument("--verbose", action="store_true", help="full tracebacks")
     args = parser.parse_args(argv[1:])
     try:

@@ -197,12 +197,16 @@ class Profile:
         return self.arrays["id_err"]
 
     @property
-    def selected_layer(self) -> int:
-        return int(self.summary["selected_layer"])
+    def selected_layer(self) -> int | None:
+        """The selected layer, or None when the rule selects none (see `selection_branch`)."""
+        layer = self.summary["selected_layer"]
+        return None if layer is None else int(layer)
 
     @property
-    def peak_layer(self) -> int:
-        return int(self.summary["peak_layer"])
+    def peak_layer(self) -> int | None:
+        """The first significant peak, or None when the profile has none."""
+        layer = self.summary["peak_layer"]
+        return None if layer is None else int(layer)
 
     @property
     def selection_rule(self) -> str:

@@ -111,6 +111,9 @@ def test_path_errors_are_two_lines(tmp_path):
     _assert_short(run_launch("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.experiment=profile"),
                   "no finished representations", "extract")
     _assert_short(run_launch("--config=configs/demo.py"), "--workdir is required")
+    (tmp_path / "a_file").write_text("")
+    _assert_short(run_launch("--config=configs/demo.py", f"--workdir={tmp_path / 'a_file'}"),
+                  f"--workdir={tmp_path / 'a_file'} cannot be used as a directory")
     _assert_short(run_launch("--config=configs/train_igpt_tiny.py:bad", f"--workdir={tmp_path}"),
                   "train_igpt_tiny.py:bad", "arg must combine")
 
