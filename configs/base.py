@@ -66,7 +66,8 @@ def analysis_config() -> ml_collections.ConfigDict:
     # synthetic profiles (benchmarks/planted_profiles.py, table in the README). twonn | twonn_decimated |
     # gride | gride_plateau.
     config.profile.id_estimator = "gride"
-    config.profile.gride_rank = 64  # n2 of GRIDE(n2 / 2, n2); needs k_max and gride_range_max >= it
+    # n2 of GRIDE(n2 / 2, n2); unset: the largest computed rank up to 64 (GRIDE(32, 64) when k_max allows)
+    config.profile.gride_rank = ml_collections.config_dict.placeholder(int)
     config.profile.label_ks = (1, 10, 30)
     config.profile.overlap_k = 30
     config.profile.duplicates = "drop"  # drop | error

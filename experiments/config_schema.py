@@ -125,7 +125,7 @@ ANALYSIS: dict[str, Check] = {
     "profile.decimation_target_ratio": real(1, float("inf")),
     "profile.id_estimator": choice("twonn", "twonn_decimated", "gride", "gride_plateau"),
     "profile.decimation_min_subset": integer(0),
-    "profile.gride_rank": integer(2),
+    "profile.gride_rank": integer(2, optional=True),
     "profile.label_ks": int_list(1),
     "profile.overlap_k": integer(1),
     "profile.duplicates": choice("drop", "error"),
@@ -257,7 +257,8 @@ def _cross_checks(values: dict[str, Any], prefix: str) -> list[str]:
     found = []
     k_max, rank = values.get("profile.k_max"), values.get("profile.gride_rank")
     range_max = values.get("profile.gride_range_max")
-    if values.get("profile.id_estimator") == "gride" and _is_int(rank) and _is_int(range_max):
+    if (values.get("profile.id_estimator") == "gride" and _is_int(rank) and _is_int(range_max) and range_max >= 2
+            and (not _is_int(k_max) or k_max >= 2)):
         top = min(range_max, k_max if _is_int(k_max) else rank)
         ranks = [2 ** i for i in range(1, 64) if 2 ** i <= top]
         if rank not in ranks:

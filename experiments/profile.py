@@ -16,7 +16,8 @@ The ID that drives the selection is `config.profile.id_estimator`:
   "twonn"            TwoNN fit on all N points (the nearest-neighbour scale, the most noise-sensitive).
   "twonn_decimated"  TwoNN mean over disjoint subsets of about max(N / `decimation_target_ratio`,
                      `decimation_min_subset`) points (the paper's choice for iGPT: N / 32).
-  "gride"            GRIDE at ranks (n2 / 2, n2) with n2 = `gride_rank` (a larger, fixed scale).
+  "gride"            GRIDE at ranks (n2 / 2, n2) with n2 = `gride_rank` (unset: the largest computed rank
+                     up to 64, i.e. GRIDE(32, 64) whenever k_max, gride_range_max and N allow it).
   "gride_plateau"    per layer, GRIDE where its scaling curve is flattest (see `scale_plateau`).
 The whole scaling curves (decimation and GRIDE) are saved either way, and `results.json` lists, per
 layer, TwoNN, decimated TwoNN and GRIDE at `gride_rank` with their relative spread
@@ -30,7 +31,7 @@ import hashlib
 import json
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -233,15 +234,31 @@ def chosen_id(metrics: dict, cfg: ml_collections.ConfigDict, estimator: str | No
         i = decimation_level(metrics["decimation_sizes"], cfg)
         return float(metrics["decimation_ids"][i]), float(metrics["decimation_errs"][i])
     if estimator == "gride":
-        ranks = list(metrics["gride_ranks"])
-        if cfg.gride_rank not in ranks:
-            raise ValueError(f"profile.gride_rank={cfg.gride_rank} is not among the computed ranks "
-                             f"{[int(r) for r in ranks]}; set profile.gride_rank to one of them")
-        i = ranks.index(cfg.gride_rank)
+        ranks = [int(r) for r in metrics["gride_ranks"]]
+        rank = gride_rank(cfg, ranks)
+        if rank not in ranks:
+            raise ValueError(f"profile.gride_rank={rank} is not among the computed ranks {ranks}; set "
+                             "profile.gride_rank to one of them (or leave it unset: the largest up to 64)")
+        i = ranks.index(rank)
         return float(metrics["gride_ids"][i]), float(metrics["gride_errs"][i])
     if estimator == "gride_plateau":
         return scale_plateau(np.asarray(metrics["gride_ids"]), np.asarray(metrics["gride_errs"]))
     raise ValueError(f"unknown id_estimator {estimator!r}: {', '.join(ID_ESTIMATORS)}")
+
+
+DEFAULT_GRIDE_RANK = 64  # GRIDE(32, 64): the planted-profile benchmark's choice (README)
+
+
+def gride_rank(cfg: ml_collections.ConfigDict, computed: Sequence[int]) -> int:
+    """n2 of the GRIDE(n2 / 2, n2) ID: `profile.gride_rank` when set, else the largest computed rank up to
+    DEFAULT_GRIDE_RANK (so a smaller `k_max` or dataset uses the largest scale it has)."""
+    if cfg.get("gride_rank") is not None:
+        return int(cfg.gride_rank)
+    usable = [int(r) for r in computed if int(r) <= DEFAULT_GRIDE_RANK]
+    if not usable:
+        raise ValueError(f"no GRIDE rank was computed (ranks {list(computed)}); raise profile.k_max and "
+                         "profile.gride_range_max to at least 2")
+    return max(usable)
 
 
 def check_id_estimator(cfg: ml_collections.ConfigDict, n_points: int) -> None:
@@ -251,7 +268,7 @@ def check_id_estimator(cfg: ml_collections.ConfigDict, n_points: int) -> None:
     if cfg.id_estimator == "twonn_decimated" and not cfg.decimation:
         raise ValueError("id_estimator 'twonn_decimated' needs profile.decimation=True")
     largest = min(cfg.k_max, cfg.gride_range_max, n_points - 1)
-    if cfg.id_estimator == "gride" and cfg.gride_rank > largest:
+    if cfg.id_estimator == "gride" and cfg.get("gride_rank") is not None and cfg.gride_rank > largest:
         raise ValueError(
             f"profile.gride_rank={cfg.gride_rank} needs neighbours up to that rank, but only rank {largest} is "
             f"computed (k_max={cfg.k_max}, gride_range_max={cfg.gride_range_max}, {n_points} points); lower "
@@ -261,13 +278,15 @@ def check_id_estimator(cfg: ml_collections.ConfigDict, n_points: int) -> None:
 def estimator_agreement(per_layer: list[dict], cfg: ml_collections.ConfigDict) -> dict:
     """Per layer, the IDs of TwoNN (all N), decimated TwoNN (when computed) and GRIDE at `gride_rank`, and
     their relative spread (max - min) / median, so that disagreement between scales is visible."""
-    gride_computed = cfg.gride_rank in [int(r) for r in per_layer[0]["gride_ranks"]]
+    computed = [int(r) for r in per_layer[0]["gride_ranks"]]
+    rank = gride_rank(cfg, computed) if computed else None
+    gride_computed = rank in computed
     names = ["twonn"] + (["gride"] if gride_computed else []) + (
         ["twonn_decimated"] if "decimation_ids" in per_layer[0] else [])
     ids = {name: [chosen_id(m, cfg, name)[0] for m in per_layer] for name in names}
     table = np.array([ids[name] for name in names])
     spread = (table.max(0) - table.min(0)) / np.median(table, axis=0)
-    return {"estimators": names, "gride_rank": cfg.gride_rank, "id": ids,
+    return {"estimators": names, "gride_rank": rank, "id": ids,
             "relative_spread": spread.tolist(), "max_relative_spread": float(spread.max()),
             "max_spread_layer": int(np.argmax(spread))}
 

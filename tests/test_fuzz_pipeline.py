@@ -98,7 +98,7 @@ def _child(code: str, *, expect_kill: bool = True) -> subprocess.CompletedProces
 
 
 def _comparable(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k not in ("profile_seconds", "figures")}
+    return {k: v for k, v in results.items() if k not in ("profile_seconds", "wall_seconds", "provenance", "figures")}
 
 
 @pytest.fixture(scope="module")

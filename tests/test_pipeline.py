@@ -182,7 +182,7 @@ def test_synthetic_store_estimates_agree_with_the_library(tmp_path):
     results = profile.run(config, tmp_path)
     dist, _ = idjax.knn(x, 64)
     assert results["estimator_agreement"]["id"]["twonn"][0] == pytest.approx(float(idjax.twonn(dist)), rel=1e-6)
-    gride = idjax.gride(dist, n1=config.profile.gride_rank // 2, n2=config.profile.gride_rank)
+    gride = idjax.gride(dist, n1=32, n2=64)  # the default: the largest computed rank up to 64
     assert results["id"][0] == pytest.approx(float(gride.id), rel=1e-6)  # the default drives the selection
     assert results["adjacent_overlap"] == [pytest.approx(1.0)]
 

@@ -16,10 +16,11 @@ from experiments.synthetic import manifold
 N_LAYERS = 3
 
 
-def make_store(directory, n=150, seed=0, labels=True):
+def make_store(directory, n=150, seed=0, labels=True, scale_layer_1=1.0):
     """A tiny store: 3 layers on manifolds of different dimension, 4 classes, 2 families per class, one
     duplicate row (so the kept points are a strict subset)."""
     layers = [manifold("linear", n, d, 8, seed=seed + i) for i, d in enumerate((3, 6, 4))]
+    layers[1] = layers[1] * scale_layer_1
     for x in layers:
         x[n - 1] = x[0]
     y = np.arange(n) % 4
@@ -211,10 +212,10 @@ def test_reextraction_invalidates_the_cache(finished, counts, no_figures, tmp_pa
     assert_same(comparable(workdir), comparable(tmp_path / "fresh"))
     assert comparable(workdir)[0]["n_points"] == 119
 
-    # Same number of points, one layer's values changed: only that layer's graph is redone.
-    layer_file = store.store_dir(workdir) / "layer_001.npy"
-    x = np.load(layer_file)
-    np.save(layer_file, x * 2.0)
+    # Same number of points, one layer's values changed (a re-extraction, since the store is checksummed):
+    # only that layer's graph is redone.
+    shutil.rmtree(store.store_dir(workdir))
+    make_store(store.store_dir(workdir), n=120, scale_layer_1=2.0)
     counts.clear()
     profile.run(small_config(), workdir)
     assert counts["graph"] == 1 and counts["decimation"] == 1
