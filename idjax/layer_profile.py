@@ -165,6 +165,9 @@ def options_config(**options: Any):
         if key not in cfg:
             raise TypeError(f"unknown profile option {key!r}{config_schema.suggest(key, list(cfg))}; "
                             f"options: {', '.join(sorted(cfg))}")
+        problem = schema[key](value) if key in schema else None
+        if problem is not None:  # before assigning: ml_collections' own type error names no fix
+            raise ValueError(f"profile option {key}={value!r}: {problem}")
         cfg[key] = tuple(value) if isinstance(cfg[key], tuple) else value
     config_schema.validate(cfg, schema=schema, prefix="")
     return cfg

@@ -114,6 +114,8 @@ def test_bad_inputs_name_the_problem(arrays):
         idjax.profile(layers, k_mx=16)
     with pytest.raises(ValueError, match="duplicates='maybe': must be one of drop, error"):
         idjax.profile(layers, duplicates="maybe")
+    with pytest.raises(ValueError, match="k_max='abc': must be an integer >= 2"):
+        idjax.profile(layers, k_max="abc")
     with pytest.raises(ValueError, match="at least 2"):
         idjax.profile(layers[:1])
     with pytest.raises(FileNotFoundError, match="no .npy files"):
