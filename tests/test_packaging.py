@@ -62,7 +62,8 @@ def test_pip_install_in_a_fresh_venv(tmp_path):
     out = _run([idjax_cmd, "profile", "layers", "--out", "result", "--option", "k_max=8", "--option",
                 "gride_range_max=8", "--option", "label_ks=(5,)", "--option", "overlap_k=5"], user)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "**selected**" in out.stdout
+    # The per-layer table and the selection line (three random 5-D layers need not have a selected layer).
+    assert "| layer | ID (gride) +- err |" in out.stdout and "Selected layer" in out.stdout, out.stdout
     for name in ("results.json", "profile.npz", "report.md", "id_profile.png", "id_profile.pdf"):
         assert (user / "result" / name).is_file(), name
     out = _run([str(python), "-c", "import sys, idjax; from configs import common; "
