@@ -391,25 +391,14 @@ def test_a_renamed_or_relatively_named_workdir_resumes(tmp_path, monkeypatch):
     """iGPT with a palette fitted into the workdir: the plan used to record the palette's path, so a moved
     workdir (or a relative --workdir) was refused as "a partial extraction of something else"."""
     monkeypatch.undo()  # the real model
-    from tests.test_pipeline import tiny_igpt_config
+    from tests.test_pipeline import counting_encoder, tiny_igpt_config
 
     config = tiny_igpt_config(n_examples=96)
     config.extract.batch_size = 32
     calls = []
     real_build = extract.build_encoder
 
-    def build_and_crash(*args, **kwargs):
-        encoder = real_build(*args, **kwargs)
-
-        def embed(indices):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt("killed")
-            return encoder.embed(indices)
-
-        return extract.Encoder(encoder.plan, embed, encoder.description)
-
-    monkeypatch.setattr(extract, "build_encoder", build_and_crash)
+    monkeypatch.setattr(extract, "build_encoder", lambda *a, **k: counting_encoder(real_build(*a, **k), calls, 2))
     with pytest.raises(KeyboardInterrupt):
         extract.run(config, tmp_path / "first")
     monkeypatch.setattr(extract, "build_encoder", real_build)

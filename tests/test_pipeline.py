@@ -40,18 +40,7 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
     calls = []
     real_build = extract.build_encoder
 
-    def build_and_kill(*args, **kwargs):
-        encoder = real_build(*args, **kwargs)
-
-        def embed(indices):
-            calls.append(tuple(indices))
-            if len(calls) == 3:
-                raise KeyboardInterrupt("killed mid-extraction")
-            return encoder.embed(indices)
-
-        return extract.Encoder(encoder.plan, embed, encoder.description)
-
-    monkeypatch.setattr(extract, "build_encoder", build_and_kill)
+    monkeypatch.setattr(extract, "build_encoder", lambda *a, **k: counting_encoder(real_build(*a, **k), calls, 3))
     with pytest.raises(KeyboardInterrupt):
         extract.run(config, workdir)
     directory = store.store_dir(workdir)
@@ -65,7 +54,7 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(extract, "build_encoder", real_build)
-    monkeypatch.setattr(extract, "build_encoder", lambda *a, **k: _counting(real_build(*a, **k), calls))
+    monkeypatch.setattr(extract, "build_encoder", lambda *a, **k: counting_encoder(real_build(*a, **k), calls))
     manifest = extract.run(config, workdir)
     assert len(calls) == 2  # 240 examples / 64 = 4 batches; the first two were not recomputed
     assert manifest["n_examples"] == 240 and manifest["n_layers"] == 3 and manifest["dim"] == 32
@@ -103,9 +92,13 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
     np.testing.assert_allclose(np.stack([layer[:5] for layer in reps.layers]), direct, rtol=1e-5, atol=1e-6)
 
 
-def _counting(encoder, calls):
+def counting_encoder(encoder, calls, kill_at=None):
+    """`encoder` recording each batch's indices in `calls`; with `kill_at`, the kill_at-th batch raises
+    KeyboardInterrupt instead (a job killed mid-extraction)."""
     def embed(indices):
         calls.append(tuple(indices))
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt("killed mid-extraction")
         return encoder.embed(indices)
 
     return extract.Encoder(encoder.plan, embed, encoder.description)
