@@ -65,5 +65,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.interval = 1000 if gpu else 300
     config.checkpoint.max_to_keep = 3
+    config.checkpoint.keep_steps = ()  # also checkpoint these steps and never delete them (0: the initialisation)
     config.checkpoint.async_save = True
     return config

@@ -186,6 +186,7 @@ TRAINING: dict[str, Check] = {
     "checkpoint.interval": integer(1),
     "checkpoint.max_to_keep": integer(1),
     "checkpoint.async_save": boolean,
+    "checkpoint.keep_steps": lambda v: None if v in ((), [], None) else int_list(0)(v),
 }
 
 # configs/synthetic.py

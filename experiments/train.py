@@ -531,9 +531,20 @@ def evaluate(eval_sums: Callable, params: Any, val: np.ndarray, batch_size: int,
 # Checkpoints
 
 
+def keep_steps(cc: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Steps checkpointed in addition to every `interval` and never deleted (e.g. log-spaced steps for a
+    profile-over-training sweep; 0 is the untrained initialisation)."""
+    return tuple(sorted({int(s) for s in (cc.get("keep_steps") or ())}))
+
+
 def _manager(workdir: pathlib.Path, cc: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    kept = keep_steps(cc)
+    # The newest `max_to_keep` checkpoints (for resumption) plus the `keep_steps` ones (for analysis).
+    policy = ocp.checkpoint_managers.LatestN(cc.max_to_keep) if not kept else \
+        ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(cc.max_to_keep),
+                                                       ocp.checkpoint_managers.CustomSteps(list(kept))])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cc.max_to_keep, enable_async_checkpointing=cc.get("async_save", True), create=True,
+        preservation_policy=policy, enable_async_checkpointing=cc.get("async_save", True), create=True,
     )
     return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
                                  item_names=(STATE_ITEM, DATA_ITEM))
@@ -590,6 +601,12 @@ def _restore_newest_good(mngr: ocp.CheckpointManager, template: dict) -> tuple[i
         raise CheckpointError(f"no checkpoint under {mngr.directory} can be restored (steps {steps} are damaged, "
                               "see the warnings above); delete that directory to train from scratch")
     return None
+
+
+def _save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: dict, iterator: BatchIterator) -> None:
+    mngr.save(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state),
+        DATA_ITEM: ocp.args.JsonSave({**iterator.state(), "state_sha256": state_digest(state)})}), force=True)
 
 
 def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -677,10 +694,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
             iterator = BatchIterator.from_state(data, data_state, max_residues=config.data.get("max_residues"))
             resumed_from = int(latest)
         start = int(state["step"])
-        if start == 0:
+        kept = set(keep_steps(cc))
+        if latest is None:  # a fresh start (a run resumed from a step-0 checkpoint has this record already)
             loss0 = evaluate(eval_sums, state["params"], data.val, tc.eval_batch_size, config.seed)
             _append_jsonl(metrics_path, {"kind": "eval", "step": 0, "loss": loss0,
                                          "time_s": time.perf_counter() - t_start})
+            if 0 in kept:  # after the record: a kill in between starts afresh rather than losing it
+                _save_checkpoint(mngr, 0, state, iterator)
 
         bar = tqdm(total=tc.steps, initial=start, disable=not tc.get("progress_bar", True),
                    desc=f"train {mcfg.__class__.__name__}", dynamic_ncols=True)
@@ -719,11 +739,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
                 loss = evaluate(eval_sums, state["params"], data.val, tc.eval_batch_size, config.seed)
                 _append_jsonl(metrics_path, {"kind": "eval", "step": step, "loss": loss,
                                              "time_s": time.perf_counter() - t_start})
-            if step % cc.interval == 0 or step == tc.steps:
-                mngr.save(step, args=ocp.args.Composite(**{
-                    STATE_ITEM: ocp.args.StandardSave(state),
-                    DATA_ITEM: ocp.args.JsonSave({**iterator.state(), "state_sha256": state_digest(state)})}),
-                    force=True)
+            if step % cc.interval == 0 or step == tc.steps or step in kept:
+                _save_checkpoint(mngr, step, state, iterator)
             t_log += time.perf_counter() - t_pause  # evaluation and checkpointing are not training throughput
             bar.update(1)
             if on_step is not None:

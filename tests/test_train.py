@@ -51,6 +51,7 @@ def _igpt_config():
     c.train.log_interval, c.train.eval_interval = 10, CKPT_EVERY
     c.train.progress_bar = False
     c.checkpoint.interval = CKPT_EVERY
+    c.checkpoint.keep_steps = (0, 10)  # kept beyond max_to_keep = 3 (step 0: the untrained control)
     return c
 
 
@@ -146,6 +147,11 @@ def test_igpt_loss_decreases_and_resumes_bit_identically_after_crash(tmp_path):
     assert train.run(config, crashed)["resumed_from"] == CKPT_EVERY
     _assert_trees_identical(_checkpoint_state(full, STEPS), _checkpoint_state(crashed, STEPS))
     _same_log(full, crashed)
+    for workdir in (full, crashed):
+        assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [0, 10, 40, 80]
+    _, initial, _ = train.load_trained(full, step=0)
+    _assert_trees_identical(initial, train.init_params(train.model_config(config, train.load_data(config, full)[0]),
+                                                       config.seed))
 
 
 def test_batch_iterator_position_is_the_whole_state(shared_data):
