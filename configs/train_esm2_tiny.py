@@ -42,6 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.split_seed = 0
     config.data.max_sequences = None  # use only the first N FASTA records (None: all)
     config.data.max_eval_examples = None if gpu else 160
+    # SCOPe domains in the corpus too (None: the proteome only), with this fraction of the SCOPe
+    # families held out whole (experiments/train.py `load_protein_data`).
+    config.data.scope_fasta = ml_collections.config_dict.placeholder(str)
+    config.data.scope_holdout_families = 0.2
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 20_000 if gpu else 1200

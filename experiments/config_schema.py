@@ -161,6 +161,8 @@ TRAINING: dict[str, Check] = {
     "data.size": integer(1, optional=True),
     "data.n_colors": integer(2),
     "data.max_residues": integer(1, 1022),
+    "data.scope_fasta": optional_text,
+    "data.scope_holdout_families": real(0, 1, low_open=True, high_open=True),
     "data.val_fraction": real(0, 1, low_open=True, high_open=True),
     "data.split_seed": integer(0),
     "data.max_sequences": integer(1, optional=True),

@@ -184,24 +184,30 @@ def load_protein_data(dc: ml_collections.ConfigDict) -> tuple[TrainData, dict]:
     sequence. Near-identical paralogs are not filtered (the proteome has no homology-reduced split).
     Held-out rows are cropped to their first `max_residues` residues (deterministic); training
     sequences are cropped at a random, seeded offset each time they are drawn (`BatchIterator`).
+
+    With `dc.scope_fasta` set, SCOPe domains join the corpus, split by FAMILY: a seeded fraction
+    `dc.scope_holdout_families` of the families is held out whole, so a held-out domain's superfamily
+    was learned only from other families (the remote-homology setting) and its superfamily label still
+    means something when the held-out domains are analysed. Training proteins that contain a held-out
+    domain's sequence verbatim are dropped too (SCOPe domains are cut from such proteins). The held-out
+    domains' ids are written to data_split.json ("scope_holdout_ids") for the analysis.
     """
     records = read_fasta(dc.fasta)
     if dc.get("max_sequences"):
         records = records[: dc.max_sequences]
-    seen: dict[str, int] = {}
-    unique = []
-    for header, seq in records:
-        if seq.upper() in seen:
-            continue
-        seen[seq.upper()] = len(unique)
-        unique.append((header, seq))
+    unique = _unique_records(records)
     ids = [ptok.residue_ids(seq, seq_id=h.split()[0], unknown="X")[0] for h, seq in unique]
     train_idx, val_idx = split_indices(len(ids), dc.val_fraction, dc.split_seed)
     max_res = int(dc.max_residues)
     seq_len = _round_up(max_res + 2, 8)
-    val_idx = val_idx[: dc.get("max_eval_examples") or len(val_idx)]
-    val = np.stack([wrap_and_pad(ids[i][:max_res], seq_len) for i in val_idx])
-    train = tuple(ids[i] for i in train_idx)
+    cap = dc.get("max_eval_examples") or len(val_idx)
+    scope_fasta = dc.get("scope_fasta")
+    if scope_fasta:
+        cap = -(-cap // 2)  # half the evaluated rows from each source
+    val_idx = val_idx[:cap]
+    val_rows = [ids[i][:max_res] for i in val_idx]
+    train = [ids[i] for i in train_idx]
+    train_names = [unique[i][0].split()[0] for i in train_idx]
     lengths = np.array([len(x) for x in ids])
     info = {
         "source": str(dc.fasta), "records": len(records), "unique_sequences": len(unique),
@@ -209,9 +215,72 @@ def load_protein_data(dc: ml_collections.ConfigDict) -> tuple[TrainData, dict]:
         "val_sequences": int(len(val_idx)), "max_residues": max_res, "seq_len": seq_len,
         "longer_than_crop": int((lengths > max_res).sum()),
     }
-    split = {"train_ids": [unique[i][0].split()[0] for i in train_idx],
-             "val_ids": [unique[i][0].split()[0] for i in val_idx]}
-    return TrainData("esm2", train, val, seq_len, None, info), split
+    split = {"train_ids": train_names, "val_ids": [unique[i][0].split()[0] for i in val_idx]}
+    if scope_fasta:
+        scope_train, scope_val, scope_split = _scope_family_split(dc, [unique[i][1] for i in train_idx])
+        contained = set(scope_split.pop("proteins_containing_holdout"))
+        kept = [i for i in range(len(train)) if i not in contained]
+        train = [train[i] for i in kept] + [ptok.residue_ids(seq, seq_id=sid, unknown="X")[0] for sid, seq in scope_train]
+        split["train_ids"] = [train_names[i] for i in kept] + [sid for sid, _ in scope_train]
+        held = scope_val[:cap]
+        val_rows += [ptok.residue_ids(seq, seq_id=sid, unknown="X")[0][:max_res] for sid, seq in held]
+        split["val_ids"] += [sid for sid, _ in held]
+        split.update(scope_split)
+        info.update({"scope_source": str(scope_fasta), "scope_train_domains": len(scope_train),
+                     "scope_holdout_domains": len(scope_val), "scope_holdout_families": dc.scope_holdout_families,
+                     "proteins_dropped_containing_holdout": len(contained), "train_sequences": len(train),
+                     "val_sequences": len(val_rows)})
+    val = np.stack([wrap_and_pad(row, seq_len) for row in val_rows])
+    return TrainData("esm2", tuple(train), val, seq_len, None, info), split
+
+
+def _unique_records(records: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The first record of each distinct (case-insensitive) sequence, in file order."""
+    seen: set[str] = set()
+    unique = []
+    for header, seq in records:
+        if seq.upper() not in seen:
+            seen.add(seq.upper())
+            unique.append((header, seq))
+    return unique
+
+
+def _scope_family_split(dc: ml_collections.ConfigDict, other_train_sequences: Sequence[str]):
+    """SCOPe domains split by family: (train [(sid, seq)], held-out [(sid, seq)] in a seeded order, record).
+
+    The record lists the held-out families and domain ids, and (key "proteins_containing_holdout", popped
+    by the caller) the indices of `other_train_sequences` that contain a held-out domain verbatim.
+    """
+    from experiments import protein_datasets
+
+    scope = protein_datasets.read_scope_astral(dc.scope_fasta)
+    families = scope.labels["family"]
+    n_families = int(families.max()) + 1
+    fraction = float(dc.scope_holdout_families)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.scope_holdout_families must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(dc.split_seed)
+    held_families = np.sort(rng.permutation(n_families)[: max(1, round(n_families * fraction))])
+    held = np.isin(families, held_families)
+    held_order = rng.permutation(np.flatnonzero(held))
+    train_rows = [(scope.ids[i], scope.sequences[i]) for i in np.flatnonzero(~held)]
+    held_rows = [(scope.ids[i], scope.sequences[i]) for i in held_order]
+    # Held-out domains cut verbatim from a training protein: found through 12-mer anchors, then confirmed.
+    anchor = 12
+    by_kmer: dict[str, list[int]] = {}
+    for row, seq in enumerate(other_train_sequences):
+        seq = seq.upper()
+        for start in range(len(seq) - anchor + 1):
+            by_kmer.setdefault(seq[start : start + anchor], []).append(row)
+    containing = set()
+    for _, domain in held_rows:
+        for row in by_kmer.get(domain[:anchor], ()):
+            if domain in other_train_sequences[row].upper():
+                containing.add(row)
+    record = {"scope_holdout_family_names": [scope.label_names["family"][f] for f in held_families],
+              "scope_holdout_ids": sorted(sid for sid, _ in held_rows),
+              "proteins_containing_holdout": sorted(containing)}
+    return train_rows, held_rows, record
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -224,3 +224,30 @@ def test_schedule_warmup_and_cosine():
     assert float(sched(10)) == pytest.approx(1e-3)
     assert float(sched(100)) == pytest.approx(1e-4)
     assert float(sched(5)) == pytest.approx(5e-4)
+
+
+def test_scope_domains_join_the_corpus_split_by_family(shared_data):
+    """SCOPe families are held out whole; no training protein contains a held-out domain verbatim."""
+    from experiments import protein_datasets
+
+    config = train_esm2_tiny.get_config()
+    config.data.fasta = str(shared_data / "protein" / "UP000000625_83333.fasta")
+    config.data.scope_fasta = str(shared_data / "protein" / "astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa")
+    config.data.max_sequences = 400
+    data, split = train.load_data(config)
+    scope = protein_datasets.read_scope_astral(config.data.scope_fasta)
+    family_of = dict(zip(scope.ids, (scope.label_names["family"][f] for f in scope.labels["family"]), strict=True))
+    held_families = set(split["scope_holdout_family_names"])
+    assert abs(len(held_families) / len(set(family_of.values())) - 0.2) < 0.01
+    held = set(split["scope_holdout_ids"])
+    assert held == {sid for sid, fam in family_of.items() if fam in held_families}
+    train_scope = [sid for sid in split["train_ids"] if sid in family_of]
+    assert train_scope and not held_families & {family_of[sid] for sid in train_scope}
+    sequence_of = dict(zip(scope.ids, scope.sequences, strict=True))
+    proteome = {h.split()[0]: s.upper() for h, s in train.read_fasta(config.data.fasta)}
+    train_proteins = [proteome[i] for i in split["train_ids"] if i in proteome]
+    assert not any(sequence_of[sid] in protein for sid in held for protein in train_proteins[:150])
+    assert data.info["proteins_dropped_containing_holdout"] == 400 - 20 - len(train_proteins)
+    val_scope = [sid for sid in split["val_ids"] if sid in family_of]
+    assert val_scope and set(val_scope) <= held and len(data.val) == len(split["val_ids"])
+    assert data.num_train == len(split["train_ids"])
