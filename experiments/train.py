@@ -220,7 +220,8 @@ def load_protein_data(dc: ml_collections.ConfigDict) -> tuple[TrainData, dict]:
         scope_train, scope_val, scope_split = _scope_family_split(dc, [unique[i][1] for i in train_idx])
         contained = set(scope_split.pop("proteins_containing_holdout"))
         kept = [i for i in range(len(train)) if i not in contained]
-        train = [train[i] for i in kept] + [ptok.residue_ids(seq, seq_id=sid, unknown="X")[0] for sid, seq in scope_train]
+        scope_ids = [ptok.residue_ids(seq, seq_id=sid, unknown="X")[0] for sid, seq in scope_train]
+        train = [train[i] for i in kept] + scope_ids
         split["train_ids"] = [train_names[i] for i in kept] + [sid for sid, _ in scope_train]
         held = scope_val[:cap]
         val_rows += [ptok.residue_ids(seq, seq_id=sid, unknown="X")[0][:max_res] for sid, seq in held]
