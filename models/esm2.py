@@ -694,7 +694,7 @@ def load_fair_esm(
 
 def save(path: PathLike, config: ESM2Config, params: Any) -> None:
     """Saves converted params with Orbax; the config (incl. inv_freq) goes in the metadata."""
-    checkpoints.save_orbax(path, params, {"model": "esm2", "config": config.to_dict()})
+    checkpoints.save_orbax(path, checkpoints.unwrap_params(params), {"model": "esm2", "config": config.to_dict()})
 
 
 def restore(path: PathLike) -> tuple[ESM2Config, dict]:
