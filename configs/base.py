@@ -4,6 +4,7 @@ import os
 import pathlib
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("IDJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -19,21 +20,29 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.training = None  # a training ConfigDict (configs/train_*.py) to train the model first
 
     config.model = ml_collections.ConfigDict()
-    config.model.family = "esm2"  # esm2 | igpt | bert
-    config.model.source = "random"  # hf | fair_esm | orbax | trained | random | minilm
-    config.model.path = ""
-    config.model.size = "8M"
-    config.model.overrides = ml_collections.ConfigDict()
-    config.model.dtype = "float32"
-    config.model.pooling = "mean"  # esm2: mean | cls
-    config.model.stream = "paper"  # igpt: paper (ln_1 stream) | residual
-    config.model.long_policy = "crop"  # esm2: error | crop | windows (mean of windows, weighted by residues)
-    config.model.max_residues = 1022  # esm2: residues per sequence or window
-    config.model.unknown = "error"  # esm2: error | X
-    config.model.palette = ""  # igpt: .npy / preprocessor_config.json | "fit" (k-means) | empty: the checkpoint's
-    # own clusters (hf; refused without), the saved palette (trained), k-means (random)
-    config.model.normalize = False  # bert: L2-normalise pooled vectors
+    config.model.family = "esm2"  # a family of models/registry.py: esm2 | igpt | bert
+    # Your own model instead of a family: "package.module:callable" returning an encoder (README, "Your own
+    # model"); when set, family, source, path, size and the family blocks below are not used.
+    config.model.encoder = placeholder(str)
+    config.model.source = "random"  # hf | fair_esm | orbax | trained | random | minilm (the family's SOURCES)
+    config.model.path = placeholder(str)  # the checkpoint (directory or file) the source reads
+    config.model.size = placeholder(str)  # random init: the family's size key (esm2 "8M", igpt "s", bert "tiny")
+    config.model.overrides = ml_collections.ConfigDict()  # random init: config fields, e.g. {"vocab_size": 17}
     config.model.seed = 0
+    # Each family's own knobs, read only by that family.
+    config.model.esm2 = ml_collections.ConfigDict()
+    config.model.esm2.dtype = "float32"  # inference dtype: float32 | bfloat16 | float16
+    config.model.esm2.pooling = "mean"  # mean | cls
+    config.model.esm2.long_policy = "crop"  # error | crop | windows (mean of windows, weighted by residues)
+    config.model.esm2.max_residues = 1022  # residues per sequence or window
+    config.model.esm2.unknown = "error"  # error | X
+    config.model.igpt = ml_collections.ConfigDict()
+    config.model.igpt.stream = "paper"  # paper (ln_1 stream) | residual
+    # .npy / preprocessor_config.json | "fit" (k-means); unset: the checkpoint's own clusters (hf; refused
+    # without), the saved palette (trained), k-means (random)
+    config.model.igpt.palette = placeholder(str)
+    config.model.bert = ml_collections.ConfigDict()
+    config.model.bert.normalize = False  # L2-normalise pooled vectors
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "scope"

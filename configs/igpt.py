@@ -6,7 +6,7 @@
 
 Data: CIFAR-10 (ConvNetJS batches, 32x32) for the published models, digits for tiny/trained ones.
 A HF checkpoint is read through its own colour clusters (`clusters` in its preprocessor_config.json,
-or `kmeans_centers.npy`); one without them is refused unless `--config.model.palette` names the
+or `kmeans_centers.npy`); one without them is refused unless `--config.model.igpt.palette` names the
 clusters file or is "fit" (a k-means palette on the images, whose ids are not the model's colours).
 ID: the default (GRIDE(32, 64)); `configs/paper.py:igpt,s` uses the paper's TwoNN on
 N/32-point subsets.
@@ -31,7 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.extract.batch_size = 8
     elif arg in ("trained", "tiny"):
         config.model.source = "trained" if arg == "trained" else "random"
-        config.model.path = str(base.REPO / "workdirs" / "igpt_tiny_digits") if arg == "trained" else ""
+        if arg == "trained":
+            config.model.path = str(base.REPO / "workdirs" / "igpt_tiny_digits")
         config.model.size = "mini"
         config.model.overrides = {"vocab_size": 17, "n_positions": 64}
         config.data.name = "digits"

@@ -31,9 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_layers = 6 if gpu else 4
     config.model.embed_dim = 320 if gpu else 64
     config.model.num_heads = 20 if gpu else 4
-    config.model.mlp_dim = None  # None -> 4 * embed_dim, as in every ESM-2
-    config.model.token_dropout = True
+    config.model.ffn_dim = None  # None -> 4 * embed_dim, as in every ESM-2
     config.model.dtype = "float32"
+    config.model.esm2 = ml_collections.ConfigDict()
+    config.model.esm2.token_dropout = True
 
     config.data = ml_collections.ConfigDict()
     config.data.fasta = str(SHARED_DATA / "protein" / "UP000000625_83333.fasta")

@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_layers = 8 if gpu else 4
     config.model.embed_dim = 256 if gpu else 64
     config.model.num_heads = 8 if gpu else 4
-    config.model.mlp_dim = None  # None -> 4 * embed_dim
+    config.model.ffn_dim = None  # None -> 4 * embed_dim
     config.model.dtype = "float32"
 
     config.data = ml_collections.ConfigDict()

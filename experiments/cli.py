@@ -239,13 +239,27 @@ def preflight(config, workdir: pathlib.Path) -> list[str]:
 
 
 def _model_problems(config) -> list[str]:
+    from models import registry
+
     model = config.model
     source, path = model.source, model.path
-    if source in ("random", "minilm") or (source == "trained" and config.get("training")) \
-            or config.data.name == "arrays":
+    if config.data.name == "arrays":
+        return []
+    if model.get("encoder"):  # the researcher's own model: importable, with that attribute
+        try:
+            registry.resolve_encoder_callable(model.encoder)
+        except registry.EncoderError as err:
+            return [str(err)]
+        return []
+    family = registry.family(model.family)
+    if source not in family.SOURCES + registry.GENERIC_SOURCES:
+        return [f"config.model.source={source!r}: model family {model.family!r} reads one of "
+                f"{', '.join(family.SOURCES + registry.GENERIC_SOURCES)}"]
+    if source == "random" or source in getattr(family, "PATHLESS_SOURCES", ()) \
+            or (source == "trained" and config.get("training")):
         return []
     if not path:
-        return [f"config.model.path is empty, but model.source={source!r} reads a checkpoint: pass "
+        return [f"config.model.path is unset, but model.source={source!r} reads a checkpoint: pass "
                 "--config.model.path=<checkpoint directory or file> (or --config.model.source=random)"]
     p = pathlib.Path(path)
     if not p.exists():

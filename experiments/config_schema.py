@@ -15,6 +15,8 @@ from typing import Any
 
 import ml_collections
 
+from models import registry
+
 Check = Callable[[Any], str | None]  # None when the value is fine, else what it must be
 
 
@@ -79,6 +81,17 @@ def anything(v: Any) -> str | None:
     return None
 
 
+def encoder_spec(v: Any) -> str | None:
+    """Unset, or "package.module:callable" (the researcher's own model)."""
+    if v is None:
+        return None
+    module, sep, attribute = v.partition(":") if isinstance(v, str) else ("", "", "")
+    if sep and module and attribute and all(part.isidentifier() for part in (*module.split("."),
+                                                                             *attribute.split("."))):
+        return None
+    return "must be 'package.module:callable' naming a function that returns the encoder (or unset)"
+
+
 EXPERIMENT_NAMES = ("extract", "profile", "probe", "train", "full", "synthetic")
 DATASETS = ("scope", "uniprot", "digits", "mnist", "cifar10", "imagenet32", "scope_text", "arrays")
 
@@ -88,20 +101,21 @@ ANALYSIS: dict[str, Check] = {
     "name": text,
     "seed": integer(0),
     "training": anything,  # checked with TRAINING below when set
-    "model.family": choice("esm2", "igpt", "bert"),
+    "model.family": lambda v: choice(*registry.names())(v),
+    "model.encoder": encoder_spec,
     "model.source": choice("hf", "fair_esm", "orbax", "trained", "random", "minilm"),
-    "model.path": text,
-    "model.size": text,
+    "model.path": optional_text,
+    "model.size": optional_text,
     "model.overrides": anything,  # free-form model config fields, checked by the model's config class
-    "model.dtype": choice("float32", "bfloat16", "float16"),
-    "model.pooling": choice("mean", "cls"),
-    "model.stream": choice("paper", "residual"),
-    "model.long_policy": choice("error", "crop", "windows"),
-    "model.max_residues": integer(1, 1022),
-    "model.unknown": choice("error", "X"),
-    "model.palette": text,
-    "model.normalize": boolean,
     "model.seed": integer(0),
+    "model.esm2.dtype": choice("float32", "bfloat16", "float16"),
+    "model.esm2.pooling": choice("mean", "cls"),
+    "model.esm2.long_policy": choice("error", "crop", "windows"),
+    "model.esm2.max_residues": integer(1, 1022),
+    "model.esm2.unknown": choice("error", "X"),
+    "model.igpt.stream": choice("paper", "residual"),
+    "model.igpt.palette": optional_text,
+    "model.bert.normalize": boolean,
     "data.name": choice(*DATASETS),
     "data.path": text,
     "data.root": text,
@@ -146,13 +160,13 @@ ANALYSIS: dict[str, Check] = {
 TRAINING: dict[str, Check] = {
     "experiment": choice("train"),
     "seed": integer(0),
-    "model.family": choice("esm2", "igpt"),
+    "model.family": lambda v: choice(*registry.trainable())(v),
     "model.name": text,
     "model.num_layers": integer(1),
     "model.embed_dim": integer(1),
     "model.num_heads": integer(1),
-    "model.mlp_dim": integer(1, optional=True),
-    "model.token_dropout": boolean,
+    "model.ffn_dim": integer(1, optional=True),
+    "model.esm2.token_dropout": boolean,
     "model.dtype": choice("float32", "bfloat16"),
     "data.name": choice("digits", "mnist", "cifar10"),
     "data.fasta": text,

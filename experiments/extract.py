@@ -2,8 +2,11 @@
 
 `run(config, workdir)` streams batches (length-bucketed, one jit compilation per padded shape) into
 `experiments/store.py`'s store; finished batches are skipped on restart and the manifest is written
-last. Model families plug in through `Encoder`: a batch plan over example indices and a function from
-those indices to float32 (L+1, B, D) pooled hidden states.
+last. Every model reaches it the same way: a family of `models/registry.py` (`model.family`) or the
+researcher's own (`model.encoder=package.module:callable`) is an object keeping the registry's
+`Encoder` protocol (num_layers, prepare_batch, pooled_states), turned here into an `Encoder`: a batch
+plan over example indices and a function from those indices to float32 (L+1, B, D) pooled states,
+each batch checked (shape, layer count, dtype, finite) before it is stored.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tqdm.auto import tqdm
 
 from experiments import store
 from idjax import files
+from models import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +86,7 @@ def _recode(labels: np.ndarray | None, names: Sequence[str] | None):
 
 
 def _opt(value: Any) -> Any:
-    """Config fields use "" / 0 for "not set" (ConfigDict fields keep one type); map them to None."""
+    """Data fields use "" / 0 for "not set" (ConfigDict fields keep one type); map them to None."""
     return None if value in ("", 0, None) else value
 
 
@@ -132,216 +136,114 @@ def load_examples(cfg: ml_collections.ConfigDict) -> Examples:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Encoders
+# Encoders: a model family of models/registry.py, or the researcher's own model (`model.encoder`)
 
 
 def _chunks(order: Sequence[int], size: int) -> list[list[int]]:
     return [list(map(int, order[i : i + size])) for i in range(0, len(order), size)]
 
 
-def _pad_rows(array: np.ndarray, rows: int, fill: int) -> np.ndarray:
-    """Pads the batch dimension to `rows` so the last, short batch reuses the compiled shape."""
-    if array.shape[0] == rows:
-        return array
-    pad = np.full((rows - array.shape[0],) + array.shape[1:], fill, array.dtype)
-    return np.concatenate([array, pad])
+def _batch_inputs(inputs: Any, indices: Sequence[int]) -> Any:
+    """The examples at `indices`: an array's rows (images) or a list (sequences, texts)."""
+    if isinstance(inputs, np.ndarray):
+        return inputs[np.asarray(indices, np.int64)]
+    return [inputs[i] for i in indices]
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def family_model(model_settings: ml_collections.ConfigDict, examples: Examples, batch_size: int,
+                 workdir: pathlib.Path) -> registry.Encoder:
+    """The configured family's model (`model.family`, `model.source`, ...) as an `Encoder`."""
+    name = model_settings.family
+    family = registry.family(name)
+    if hasattr(family, "check_settings"):  # refusals that need no model come before loading a large one
+        family.check_settings(model_settings)
+    overrides = model_settings.get("overrides")
+    config, params = registry.load(name, model_settings.source, model_settings.get("path"),
+                                   size=model_settings.get("size"), seed=model_settings.get("seed", 0),
+                                   overrides=overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
+    return family.make_encoder(config, params, model_settings, examples, workdir=workdir, batch_size=batch_size)
 
 
-def esm2_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size: int) -> Encoder:
-    """ESM-2 from a HF dir, a fair-esm .pt, an Orbax conversion, a training workdir, or random init."""
-    from models import esm2, protein_tokenizer
-
-    source = cfg.source
-    if source == "hf":
-        config, params = esm2.load_hf(cfg.path)
-    elif source == "fair_esm":
-        config, params = esm2.load_fair_esm(cfg.path)
-    elif source == "orbax":
-        config, params = esm2.restore_converted(cfg.path)
-    elif source == "trained":
-        from experiments import train
-
-        model, params, _ = train.load_trained(cfg.path)
-        config = model.config
-    elif source == "random":
-        config = esm2.get_config(cfg.size)
-        params = esm2.init_params(config, seed=cfg.get("seed", 0))
-    else:
-        raise ValueError(f"unknown ESM-2 source {source!r}: hf, fair_esm, orbax, trained, random")
-    if cfg.get("dtype", "float32") != "float32":  # one cast for every source
-        params = esm2.cast_params(params, cfg.dtype)
-        config = dataclasses.replace(config, dtype=cfg.dtype)
-    model = esm2.ESM2(config)
-    long_policy = cfg.get("long_policy", "crop")
-    tokenized = [protein_tokenizer.tokenize(seq, seq_id=sid, unknown=cfg.get("unknown", "error"),
-                                            long_policy=long_policy, max_residues=cfg.get("max_residues", 1022))
-                 for sid, seq in zip(examples.ids, examples.inputs, strict=True)]
-    lengths = np.array([max(len(p) for p in t.pieces) for t in tokenized])
-    order = np.argsort(lengths, kind="stable")  # length bucketing: similar lengths share a batch
-    pooling = cfg.get("pooling", "mean")
-
-    def embed(indices: Sequence[int]) -> np.ndarray:
-        pieces = [(row, p) for row, i in enumerate(indices) for p in tokenized[i].pieces]
-        width = _round_up(max(len(p) for _, p in pieces), 16)
-        tokens = np.full((_round_up(len(pieces), 8), width), protein_tokenizer.PAD_ID, np.int32)
-        for r, (_, p) in enumerate(pieces):
-            tokens[r, : len(p)] = p
-        pooled = np.asarray(esm2.pooled_hidden_states(model, params, tokens, pooling=pooling))[:, : len(pieces)]
-        # Windows of one long sequence: average weighted by residues per window.
-        weights = np.array([len(p) - 2 for _, p in pieces], np.float64)
-        owner = np.array([row for row, _ in pieces])
-        out = np.zeros((pooled.shape[0], len(indices), pooled.shape[2]), np.float64)
-        np.add.at(out, (slice(None), owner), pooled * weights[None, :, None])
-        out /= np.bincount(owner, weights=weights)[None, :, None]
-        return out.astype(np.float32)
-
-    cropped = sum(t.policy_applied != "none" for t in tokenized)
-    return Encoder(_chunks(order, batch_size), embed,
-                   {"family": "esm2", "source": source, "path": str(cfg.get("path")), "config": config.to_dict(),
-                    "pooling": pooling, "long_policy": long_policy, "n_long_sequences": int(cropped),
-                    "dtype": cfg.get("dtype", "float32")})
-
-
-FIT_PALETTE = "fit"
-
-
-def palette_source(cfg: ml_collections.ConfigDict) -> tuple[str, pathlib.Path | None]:
-    """Where an iGPT's colour palette comes from: (kind, file), decided before any model is loaded.
-
-    `cfg.palette` set to a file (`preprocessor_config.json`, `.npy`) or a directory holding one:
-    ("file", it). `cfg.palette == "fit"`: ("fitted", None), k-means on the analysed images. Unset: a HF
-    checkpoint (source "hf") uses its own clusters ("checkpoint") and is refused without them, since its
-    colour ids mean the colours it was trained on, which a palette fitted here does not reproduce; a
-    model trained here uses the palette saved with it ("trained"); a random init gets a fitted one.
-    """
-    from models import palette
-
-    chosen = _opt(cfg.get("palette"))
-    if chosen == FIT_PALETTE:
-        return "fitted", None
-    if chosen is not None:
-        path = pathlib.Path(chosen)
-        return "file", (palette.checkpoint_palette(path) or path) if path.is_dir() else path
-    if cfg.source == "hf":
-        found = palette.checkpoint_palette(cfg.path)
-        if found is None:
-            raise palette.PaletteError(
-                f"the pretrained iGPT checkpoint {cfg.path} has no colour clusters (no {palette.PREPROCESSOR_CONFIG} "
-                f"with 'clusters', no {palette.KMEANS_CENTERS}); its colour ids mean the colours it was trained "
-                "on, so a palette fitted here would feed it other colours. Set model.palette to the checkpoint's "
-                f"clusters file (its {palette.PREPROCESSOR_CONFIG} or OpenAI's {palette.KMEANS_CENTERS}), or "
-                f"model.palette={FIT_PALETTE!r} to fit a k-means palette on the analysed images anyway"
-            )
-        return "checkpoint", found
-    if cfg.source == "trained":
-        return "trained", pathlib.Path(cfg.path) / "palette.npy"
-    return "fitted", None
-
-
-def load_palette_for(kind: str, path: pathlib.Path | None, images: np.ndarray, n_colors: int, *, seed: int,
-                     workdir: pathlib.Path) -> tuple[np.ndarray, dict]:
-    """The palette `palette_source` named, loaded (or fitted on `images` and saved as workdir/palette.npy).
+def own_model(spec: str) -> tuple[Any, dict]:
+    """The researcher's model: `spec` = "package.module:callable", called without arguments.
 
     Returns:
-      (float32 [K, 3] palette in [-1, 1], the record for the results: {"kind", "path", "n_colors", "digest"}).
+      (the encoder it returned, checked against the protocol; its record for the results: the spec, the
+      callable's qualified name, num_layers and the `description` the encoder gives, if any).
     """
-    from models import palette
-
-    if kind == "fitted":
-        colours = palette.fit_palette(images if images.shape[-1] == 3 else np.repeat(images, 3, -1), n_colors,
-                                      seed=seed)
-        path = palette.save_palette(workdir / "palette.npy", colours)
-    else:
-        colours = palette.load_palette(path)
-    return colours, {"kind": kind, "path": str(path), "n_colors": len(colours),
-                     "digest": palette.palette_digest(colours)}
-
-
-def igpt_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size: int,
-                 workdir: pathlib.Path) -> Encoder:
-    """iGPT from a HF dir, a training workdir, or random init; images quantized with the palette
-    `palette_source` names."""
-    from models import igpt, palette
-
-    source = cfg.source
-    palette_kind, palette_path = palette_source(cfg)  # a refusal comes before loading a large model
-    if source == "hf":
-        config, params = igpt.load_hf(cfg.path)
-    elif source == "trained":
-        from experiments import train
-
-        model, params, _ = train.load_trained(cfg.path)
-        config = model.config
-    elif source == "random":
-        overrides = dict(cfg.get("overrides") or {}) if not hasattr(cfg.get("overrides"), "to_dict") \
-            else cfg.overrides.to_dict()
-        config = igpt.igpt_config(cfg.size, **overrides)
-        params = igpt.init_params(config, cfg.get("seed", 0))
-    else:
-        raise ValueError(f"unknown iGPT source {source!r}: hf, trained, random")
-    images = examples.inputs
-    colours, palette_record = load_palette_for(palette_kind, palette_path, images, config.n_colors,
-                                               seed=cfg.get("seed", 0), workdir=workdir)
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
-    pixels = palette.quantize(images, colours)
-    if pixels.shape[1] > config.n_positions:
-        raise ValueError(f"images give {pixels.shape[1]} pixels but the model has {config.n_positions} positions")
-    if len(colours) != config.n_colors:
-        raise ValueError(f"palette has {len(colours)} colours but the model expects {config.n_colors}")
-    tokens = igpt.add_start_token(pixels, config.start_token)
-    model = igpt.IGPT(config)
-    stream = cfg.get("stream", "paper")
-
-    def embed(indices: Sequence[int]) -> np.ndarray:
-        batch = _pad_rows(tokens[np.asarray(indices)], batch_size, config.start_token)
-        return np.asarray(igpt.pooled_representations(model, params, batch, stream=stream))[:, : len(indices)]
-
-    return Encoder(_chunks(np.arange(len(examples)), batch_size), embed,
-                   {"family": "igpt", "source": source, "path": str(cfg.get("path")), "stream": stream,
-                    "config": dataclasses.asdict(config),
-                    "palette": {key: value for key, value in palette_record.items() if key != "path"},
-                    "locations": {"palette": palette_record["path"]}})
+    factory = registry.resolve_encoder_callable(spec)
+    name = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+    try:
+        encoder = factory()
+    except Exception as err:  # the researcher's code: any error, named with where it came from
+        raise registry.EncoderError(f"model.encoder={spec!r}: calling {name}() raised "
+                                    f"{type(err).__name__}: {err}") from err
+    registry.check_encoder(encoder, f"model.encoder={spec!r} ({name}())")
+    return encoder, {"encoder": spec, "callable": name, "num_layers": int(encoder.num_layers),
+                     "description": getattr(encoder, "description", None)}
 
 
-def bert_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size: int) -> Encoder:
-    """BERT-family encoder from a HF dir ("minilm" = the packaged all-MiniLM-L6-v2 checkpoint)."""
-    from models import bert, text_tokenizer
+def check_pooled(states: Any, *, batch: int, rows: int, num_layers: int, dim: int | None, where: str) -> np.ndarray:
+    """`states` as float32 (L+1, rows, D) or an `EncoderError` naming batch `batch` and what is wrong."""
+    if not isinstance(states, np.ndarray):
+        try:
+            states = np.asarray(states)
+        except Exception as err:
+            raise registry.EncoderError(f"{where}: pooled_states of batch {batch} returned a "
+                                        f"{type(states).__name__} that is not an array ({err})") from err
+    if states.ndim != 3 or states.shape[1] != rows:
+        raise registry.EncoderError(f"{where}: pooled_states of batch {batch} has shape {states.shape}; expected "
+                                    f"(num_layers + 1, {rows}, dim) = ({num_layers + 1}, {rows}, D) for its {rows} "
+                                    "examples")
+    if states.shape[0] != num_layers + 1:
+        raise registry.EncoderError(f"{where}: pooled_states of batch {batch} has {states.shape[0]} layers but "
+                                    f"num_layers = {num_layers} promises {num_layers + 1} (the embedding output + "
+                                    "one per layer); the layer count must be the same for every batch")
+    if dim is not None and states.shape[2] != dim:
+        raise registry.EncoderError(f"{where}: pooled_states of batch {batch} has dimension {states.shape[2]}, "
+                                    f"earlier batches {dim}; every batch must give the same D")
+    if states.dtype != np.float32:
+        raise registry.EncoderError(f"{where}: pooled_states of batch {batch} is {states.dtype}, not float32; "
+                                    "return states.astype(np.float32)")
+    if not np.isfinite(states).all():
+        layer, row, column = (int(i[0]) for i in np.nonzero(~np.isfinite(states)))
+        raise registry.EncoderError(f"{where}: pooled_states of batch {batch} holds {states[layer, row, column]} "
+                                    f"(first at layer {layer}, example {row} of the batch, column {column}); "
+                                    "the representations must be finite")
+    return states
 
-    path = bert.minilm_checkpoint_dir() if cfg.source == "minilm" else pathlib.Path(cfg.path)
-    config, params = bert.load_hf(path)
-    model = bert.Bert(config)
-    tok = text_tokenizer.load_tokenizer(path)
-    lengths = np.array([len(e.ids) for e in tok.tokenizer.encode_batch(list(examples.inputs))])
-    order = np.argsort(lengths, kind="stable")
+
+def encoder_for(model: Any, examples: Examples, batch_size: int, description: dict, where: str) -> Encoder:
+    """The extraction `Encoder` of any model keeping the protocol (`registry.Encoder`): batches of similar
+    `sort_key` (when the model has one), each checked on the way out (`check_pooled`)."""
+    sort_key = getattr(model, "sort_key", None)
+    order = np.arange(len(examples)) if sort_key is None else \
+        np.argsort(np.array([sort_key(x) for x in examples.inputs]), kind="stable")
+    plan = _chunks(order, batch_size)
+    num_layers = int(model.num_layers)
+    batch_of = {chunk[0]: b for b, chunk in enumerate(plan)}  # for messages: which batch failed
+    seen_dim: list[int] = []
 
     def embed(indices: Sequence[int]) -> np.ndarray:
-        enc = text_tokenizer.encode_batch(tok, [examples.inputs[i] for i in indices], pad_to_multiple_of=16)
-        ids = _pad_rows(enc["input_ids"], _round_up(len(indices), 8), tok.pad_id)
-        mask = _pad_rows(enc["attention_mask"], ids.shape[0], 0)
-        mask[len(indices) :, 0] = 1  # filler rows attend to one token so no row is empty
-        pooled = bert.pooled_hidden_states(model, params, ids, mask, normalize=cfg.get("normalize", False))
-        return np.asarray(pooled)[:, : len(indices)]
+        batch = batch_of.get(int(indices[0]), -1)
+        states = model.pooled_states(model.prepare_batch(_batch_inputs(examples.inputs, indices)))
+        states = check_pooled(states, batch=batch, rows=len(indices), num_layers=num_layers,
+                              dim=seen_dim[0] if seen_dim else None, where=where)
+        seen_dim[:] = [states.shape[2]]
+        return states
 
-    return Encoder(_chunks(order, batch_size), embed,
-                   {"family": "bert", "source": cfg.source, "path": str(path),
-                    "normalize": cfg.get("normalize", False)})
+    return Encoder(plan, embed, description)
 
 
-def build_encoder(model_cfg: ml_collections.ConfigDict, examples: Examples, batch_size: int,
+def build_encoder(model_settings: ml_collections.ConfigDict, examples: Examples, batch_size: int,
                   workdir: pathlib.Path) -> Encoder:
-    family = model_cfg.family
-    if family == "esm2":
-        return esm2_encoder(model_cfg, examples, batch_size)
-    if family == "igpt":
-        return igpt_encoder(model_cfg, examples, batch_size, workdir)
-    if family == "bert":
-        return bert_encoder(model_cfg, examples, batch_size)
-    raise ValueError(f"unknown model family {family!r}: esm2, igpt, bert")
+    """The configured model as an extraction `Encoder`: `model.encoder` (the researcher's own) if set,
+    else `model.family`."""
+    if model_settings.get("encoder"):
+        model, description = own_model(model_settings.encoder)
+        return encoder_for(model, examples, batch_size, description, f"model.encoder={model_settings.encoder!r}")
+    model = family_model(model_settings, examples, batch_size, workdir)
+    return encoder_for(model, examples, batch_size, model.description, f"model.family={model_settings.family!r}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     checkpoint) and `config.model` reads it (source "trained").
     """
     workdir = pathlib.Path(workdir)
-    if config.get("training"):
+    if config.get("training") and not config.model.get("encoder"):  # the researcher's own model is not trained here
         from experiments import train
 
         train_dir = workdir / "train"

@@ -1,7 +1,7 @@
 """What each layer knows: per-layer linear probes, kNN-classifier accuracy and label overlap.
 
 All entry points take pooled representations `reps` float [L+1, N, D] (one row per layer, as
-`models.esm2.pooled_hidden_states` / `models.igpt.pooled_representations` return them) and labels
+`models.esm2.pooled_hidden_states` / `models.igpt.pooled_hidden_states` return them) and labels
 [N], and return one score per layer (numpy [L+1]).
 
 Remote homology (SCOPe). With `groups` (e.g. family labels) given, a neighbour in the same group as
@@ -491,7 +491,7 @@ def igpt_representations(model: Any, params: Any, pixels: np.ndarray, *, batch_s
         if pad:  # one shape, one compilation
             rows = np.concatenate([rows, np.repeat(rows[:1], pad, axis=0)])
         tokens = igpt.add_start_token(np.asarray(rows, np.int32), model.config.start_token)
-        pooled = np.asarray(igpt.pooled_representations(model, params, tokens, stream=stream))
+        pooled = np.asarray(igpt.pooled_hidden_states(model, params, tokens, stream=stream))
         chunks.append(pooled[:, : batch_size - pad])
     return np.concatenate(chunks, axis=1)
 
@@ -591,13 +591,13 @@ def probe_igpt_on_heldout(workdir: pathlib.Path | str, *, k: int = 10, probe_ste
     """Per-layer probes of a trained iGPT workdir: fit on the training-split images, score on the
     held-out split the model never trained on (linear probe and kNN), label overlap on the held-out
     split. Baselines: raw palette ids as features ("pixels") and the untrained model."""
-    from experiments import train
+    from experiments import train, train_data
     from models import palette as palette_lib
 
     t0 = time.perf_counter()
     model, params, config = train.load_trained(workdir)
     pal = palette_lib.load_palette(pathlib.Path(workdir) / "palette.npy")
-    train_ds, val_ds = train.load_image_splits(config.data)
+    train_ds, val_ds = train_data.load_image_splits(config.data)
     pixels = np.concatenate([palette_lib.quantize(train_ds.images, pal), palette_lib.quantize(val_ds.images, pal)])
     labels = np.concatenate([train_ds.labels, val_ds.labels])
     tr = np.arange(len(train_ds))

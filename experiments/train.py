@@ -1,7 +1,10 @@
-"""Pre-training of small ESM-2 (masked LM on proteins) and iGPT (autoregressive pixels) models.
+"""Pre-training of small models of any family with a training objective (`models/registry.py`):
+ESM-2 (masked LM on proteins) and iGPT (autoregressive pixels).
 
-`run(config, workdir)` trains `config.model.family` ("esm2" | "igpt") with optax AdamW (linear
-warmup + cosine decay, global-norm clipping) and checkpoints with an Orbax `CheckpointManager`.
+`run(config, workdir)` trains `config.model.family` with optax AdamW (linear warmup + cosine decay,
+global-norm clipping) and checkpoints with an Orbax `CheckpointManager`. The family supplies the
+model config (`training_config`), the per-token loss (`token_losses`) and the kind of training data
+(`TRAINING_DATA`, loaded by `experiments/train_data.py`); nothing here depends on which family it is.
 
 Exact resumption. Everything that determines the next step is either in the checkpoint or a pure
 function of it:
@@ -33,7 +36,6 @@ Workdir layout:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -41,7 +43,7 @@ import logging
 import pathlib
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -53,16 +55,11 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from experiments import tensorboard
+from experiments.train_data import BatchIterator, TrainData, load_data
 from idjax.files import CorruptFileError, atomic_write_json, atomic_write_text, workdir_lock
-from models import esm2, igpt
-from models import palette as palette_lib
-from models import protein_tokenizer as ptok
+from models import registry
 
 STATE_ITEM, DATA_ITEM = "state", "data"
-# The 20 standard amino acids are ids 4..23 (LAGVSERTIDPKQNFYMHWC): the pool for the 10% "random"
-# replacements (X, B, U, Z, O are rare/ambiguous and not worth teaching as corruptions).
-STANDARD_AA_IDS = (ptok.TOKEN_TO_ID["L"], ptok.TOKEN_TO_ID["C"] + 1)
-SPECIAL_IDS = (ptok.CLS_ID, ptok.PAD_ID, ptok.EOS_ID)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,427 +118,76 @@ def _truncate_metrics(path: pathlib.Path, last_step: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainData:
-    """A training corpus and its held-out split.
-
-    Attributes:
-      family: "esm2" or "igpt".
-      train: protein: tuple of int32 residue-id arrays (no specials, uncropped); image: int32
-        [N, T] pixel (palette) ids in raster order.
-      val: model-ready held-out rows, int32 [N_val, T]: protein `<cls> crop <eos>` right-padded;
-        image pixel ids.
-      seq_len: T, fixed for every batch (one jit compilation).
-      val_labels: int [N_val] class labels (images) or None.
-      info: JSON-able summary (sizes, dedup counts, palette size...).
-    """
-
-    family: str
-    train: Any
-    val: np.ndarray
-    seq_len: int
-    val_labels: np.ndarray | None
-    info: dict
-
-    @property
-    def num_train(self) -> int:
-        return len(self.train)
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, val) index split of range(n): sorted int64 arrays; val gets round(n * fraction) >= 1."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(n * val_fraction)))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def read_fasta(path: pathlib.Path | str) -> list[tuple[str, str]]:
-    """(header without '>', sequence) pairs of a FASTA file, in file order."""
-    from experiments import protein_datasets
-
-    return [(r.header, r.sequence) for r in protein_datasets.read_fasta(path)]
-
-
-def wrap_and_pad(residues: np.ndarray, seq_len: int) -> np.ndarray:
-    """int32 [n <= seq_len - 2] residue ids -> int32 [seq_len]: `<cls> residues <eos> <pad>...`."""
-    out = np.full(seq_len, ptok.PAD_ID, np.int32)
-    out[0] = ptok.CLS_ID
-    out[1 : 1 + len(residues)] = residues
-    out[1 + len(residues)] = ptok.EOS_ID
-    return out
-
-
-def load_protein_data(dc: ml_collections.ConfigDict) -> tuple[TrainData, dict]:
-    """The masked-LM corpus: FASTA -> residue ids, exact duplicates removed, seeded held-out split.
-
-    Exact duplicate sequences (the E. coli proteome has several, e.g. the insA/insB copies of IS
-    elements) are reduced to one copy BEFORE splitting, so no held-out sequence is also a training
-    sequence. Near-identical paralogs are not filtered (the proteome has no homology-reduced split).
-    Held-out rows are cropped to their first `max_residues` residues (deterministic); training
-    sequences are cropped at a random, seeded offset each time they are drawn (`BatchIterator`).
-
-    With `dc.scope_fasta` set, SCOPe domains join the corpus, split by FAMILY: a seeded fraction
-    `dc.scope_holdout_families` of the families is held out whole, so a held-out domain's superfamily
-    was learned only from other families (the remote-homology setting) and its superfamily label still
-    means something when the held-out domains are analysed. Training proteins that contain a held-out
-    domain's sequence verbatim are dropped too (SCOPe domains are cut from such proteins). The held-out
-    domains' ids are written to data_split.json ("scope_holdout_ids") for the analysis.
-    """
-    records = read_fasta(dc.fasta)
-    if dc.get("max_sequences"):
-        records = records[: dc.max_sequences]
-    unique = _unique_records(records)
-    ids = [ptok.residue_ids(seq, seq_id=h.split()[0], unknown="X")[0] for h, seq in unique]
-    train_idx, val_idx = split_indices(len(ids), dc.val_fraction, dc.split_seed)
-    max_res = int(dc.max_residues)
-    seq_len = _round_up(max_res + 2, 8)
-    cap = dc.get("max_eval_examples") or len(val_idx)
-    scope_fasta = dc.get("scope_fasta")
-    if scope_fasta:
-        cap = -(-cap // 2)  # half the evaluated rows from each source
-    val_idx = val_idx[:cap]
-    val_rows = [ids[i][:max_res] for i in val_idx]
-    train = [ids[i] for i in train_idx]
-    train_names = [unique[i][0].split()[0] for i in train_idx]
-    lengths = np.array([len(x) for x in ids])
-    info = {
-        "source": str(dc.fasta), "records": len(records), "unique_sequences": len(unique),
-        "duplicates_removed": len(records) - len(unique), "train_sequences": len(train),
-        "val_sequences": int(len(val_idx)), "max_residues": max_res, "seq_len": seq_len,
-        "longer_than_crop": int((lengths > max_res).sum()),
-    }
-    split = {"train_ids": train_names, "val_ids": [unique[i][0].split()[0] for i in val_idx]}
-    if scope_fasta:
-        scope_train, scope_val, scope_split = _scope_family_split(dc, [unique[i][1] for i in train_idx])
-        contained = set(scope_split.pop("proteins_containing_holdout"))
-        kept = [i for i in range(len(train)) if i not in contained]
-        scope_ids = [ptok.residue_ids(seq, seq_id=sid, unknown="X")[0] for sid, seq in scope_train]
-        train = [train[i] for i in kept] + scope_ids
-        split["train_ids"] = [train_names[i] for i in kept] + [sid for sid, _ in scope_train]
-        held = scope_val[:cap]
-        val_rows += [ptok.residue_ids(seq, seq_id=sid, unknown="X")[0][:max_res] for sid, seq in held]
-        split["val_ids"] += [sid for sid, _ in held]
-        split.update(scope_split)
-        info.update({"scope_source": str(scope_fasta), "scope_train_domains": len(scope_train),
-                     "scope_holdout_domains": len(scope_val), "scope_holdout_families": dc.scope_holdout_families,
-                     "proteins_dropped_containing_holdout": len(contained), "train_sequences": len(train),
-                     "val_sequences": len(val_rows)})
-    val = np.stack([wrap_and_pad(row, seq_len) for row in val_rows])
-    return TrainData("esm2", tuple(train), val, seq_len, None, info), split
-
-
-def _unique_records(records: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The first record of each distinct (case-insensitive) sequence, in file order."""
-    seen: set[str] = set()
-    unique = []
-    for header, seq in records:
-        if seq.upper() not in seen:
-            seen.add(seq.upper())
-            unique.append((header, seq))
-    return unique
-
-
-def _scope_family_split(dc: ml_collections.ConfigDict, other_train_sequences: Sequence[str]):
-    """SCOPe domains split by family: (train [(sid, seq)], held-out [(sid, seq)] in a seeded order, record).
-
-    The record lists the held-out families and domain ids, and (key "proteins_containing_holdout", popped
-    by the caller) the indices of `other_train_sequences` that contain a held-out domain verbatim.
-    """
-    from experiments import protein_datasets
-
-    scope = protein_datasets.read_scope_astral(dc.scope_fasta)
-    families = scope.labels["family"]
-    n_families = int(families.max()) + 1
-    fraction = float(dc.scope_holdout_families)
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"data.scope_holdout_families must be in (0, 1), got {fraction}")
-    rng = np.random.default_rng(dc.split_seed)
-    held_families = np.sort(rng.permutation(n_families)[: max(1, round(n_families * fraction))])
-    held = np.isin(families, held_families)
-    held_order = rng.permutation(np.flatnonzero(held))
-    train_rows = [(scope.ids[i], scope.sequences[i]) for i in np.flatnonzero(~held)]
-    held_rows = [(scope.ids[i], scope.sequences[i]) for i in held_order]
-    # Held-out domains cut verbatim from a training protein: found through 12-mer anchors, then confirmed.
-    anchor = 12
-    by_kmer: dict[str, list[int]] = {}
-    for row, seq in enumerate(other_train_sequences):
-        seq = seq.upper()
-        for start in range(len(seq) - anchor + 1):
-            by_kmer.setdefault(seq[start : start + anchor], []).append(row)
-    containing = set()
-    for _, domain in held_rows:
-        for row in by_kmer.get(domain[:anchor], ()):
-            if domain in other_train_sequences[row].upper():
-                containing.add(row)
-    record = {"scope_holdout_family_names": [scope.label_names["family"][f] for f in held_families],
-              "scope_holdout_ids": sorted(sid for sid, _ in held_rows),
-              "proteins_containing_holdout": sorted(containing)}
-    return train_rows, held_rows, record
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def load_image_splits(dc: ml_collections.ConfigDict):
-    """(train ImageDataset, val ImageDataset) as RGB uint8, resized to `dc.size` if set.
-
-    Datasets with a predefined test split (CIFAR-10 ConvNetJS: batches 0-3 / 50) use it; the others
-    (sklearn digits, the MNIST test set that is all we have offline) get a seeded split.
-    """
-    from experiments import image_datasets
-
-    size = dc.get("size")
-    if dc.name in ("cifar10", "cifar10_convnetjs"):
-        train = image_datasets.load_image_dataset(dc.name, dc.root, "train", size=size, rgb=True)
-        val = image_datasets.load_image_dataset(dc.name, dc.root, "test", size=size, rgb=True)
-    else:
-        full = image_datasets.load_image_dataset(dc.name, dc.get("root"), dc.get("split"), size=size, rgb=True)
-        train_idx, val_idx = split_indices(len(full), dc.val_fraction, dc.split_seed)
-        train, val = full.subset(train_idx), full.subset(val_idx)
-    if dc.get("max_train_examples"):
-        train = train.subset(slice(0, dc.max_train_examples))
-    if dc.get("max_eval_examples"):
-        val = val.subset(slice(0, dc.max_eval_examples))
-    return train, val
-
-
-def load_image_data(dc: ml_collections.ConfigDict, workdir: pathlib.Path | None) -> tuple[TrainData, dict]:
-    """Quantized images: palette fitted by k-means on the TRAINING split only (saved to workdir)."""
-    train, val = load_image_splits(dc)
-    pal_path = None if workdir is None else workdir / "palette.npy"
-    if pal_path is not None and pal_path.is_file():
-        pal = palette_lib.load_palette(pal_path)  # resume: never refit
-    else:
-        pal = palette_lib.fit_palette(train.images, dc.n_colors, seed=dc.split_seed)
-        if pal_path is not None:
-            palette_lib.save_palette(pal_path, pal)
-    tr = palette_lib.quantize(train.images, pal).astype(np.int32)
-    va = palette_lib.quantize(val.images, pal).astype(np.int32)
-    info = {"source": dc.name, "train_images": int(tr.shape[0]), "val_images": int(va.shape[0]),
-            "image_shape": list(train.images.shape[1:3]), "n_colors": int(dc.n_colors), "seq_len": int(tr.shape[1]),
-            "colours_used_train": int(np.unique(tr).size)}
-    split = {"train_labels_counts": np.bincount(train.labels).tolist(),
-             "val_labels_counts": np.bincount(val.labels).tolist()}
-    return TrainData("igpt", tr, va, int(tr.shape[1]), np.asarray(val.labels), info), split
-
-
-def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path | None = None) -> tuple[TrainData, dict]:
-    """The corpus for `config.model.family` (and, for iGPT, the palette in `workdir`)."""
-    if config.model.family == "esm2":
-        return load_protein_data(config.data)
-    if config.model.family == "igpt":
-        return load_image_data(config.data, workdir)
-    raise ValueError(f"config.model.family must be 'esm2' or 'igpt', got {config.model.family!r}")
-
-
-class BatchIterator:
-    """Deterministic, checkpointable batches: the position is the pair (epoch, index).
-
-    Epoch e visits the training examples in `default_rng([seed, e]).permutation(N)` order, in
-    N // batch_size full batches (the remainder is dropped for that epoch, a different one each epoch).
-    Protein sequences longer than the crop are cut at an offset drawn from
-    `default_rng([seed, e, index])`, so a batch depends only on (seed, epoch, index), never on history.
-    """
-
-    def __init__(self, data: TrainData, batch_size: int, seed: int, *, max_residues: int | None = None,
-                 epoch: int = 0, index: int = 0):
-        if data.num_train < batch_size:
-            raise ValueError(f"{data.num_train} training examples < batch_size {batch_size}")
-        self.data, self.batch_size, self.seed = data, int(batch_size), int(seed)
-        self.max_residues = max_residues
-        self.steps_per_epoch = data.num_train // self.batch_size
-        self.epoch, self.index = int(epoch), int(index)
-        self._perm_epoch, self._perm = -1, None
-
-    def state(self) -> dict[str, int]:
-        """JSON-able position of the NEXT batch."""
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size}
-
-    @classmethod
-    def from_state(cls, data: TrainData, state: dict, **kwargs) -> BatchIterator:
-        return cls(data, state["batch_size"], state["seed"], epoch=state["epoch"], index=state["index"], **kwargs)
-
-    @staticmethod
-    def position_after(step: int, steps_per_epoch: int) -> dict[str, int]:
-        epoch, index = divmod(int(step), steps_per_epoch)
-        return {"epoch": epoch, "index": index}
-
-    def _permutation(self) -> np.ndarray:
-        if self._perm_epoch != self.epoch:
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.data.num_train)
-            self._perm_epoch = self.epoch
-        return self._perm
-
-    def __iter__(self) -> BatchIterator:
-        return self
-
-    def __next__(self) -> np.ndarray:
-        rows = self._permutation()[self.index * self.batch_size : (self.index + 1) * self.batch_size]
-        if self.data.family == "igpt":
-            batch = self.data.train[rows]
-        else:
-            rng = np.random.default_rng([self.seed, self.epoch, self.index])
-            batch = np.stack([self._crop(self.data.train[i], rng) for i in rows])
-        self.index += 1
-        if self.index == self.steps_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        return batch
-
-    def _crop(self, residues: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        n, m = len(residues), self.max_residues
-        # One draw per row whether or not it is cropped, so every row's offset is independent of the others.
-        start = int(rng.integers(0, max(n - m, 0) + 1))
-        return wrap_and_pad(residues[start : start + m], self.data.seq_len)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Masking (ESM / BERT 15% with 80-10-10)
-
-
-def mask_tokens(
-    key: jax.Array,
-    tokens: jax.Array,
-    *,
-    mask_prob: float = 0.15,
-    mask_token_prob: float = 0.8,
-    random_token_prob: float = 0.1,
-    mask_id: int = ptok.MASK_ID,
-    special_ids: Sequence[int] = SPECIAL_IDS,
-    random_range: tuple[int, int] = STANDARD_AA_IDS,
-) -> tuple[jax.Array, jax.Array]:
-    """ESM's masked-LM corruption.
-
-    Each token that is not special (<cls>, <pad>, <eos>) is selected independently with probability
-    `mask_prob`; a selected token becomes <mask> with probability 0.8, a uniformly random standard
-    amino acid with 0.1 (which may equal the original, as in BERT/ESM), and stays unchanged with 0.1.
-    The loss is computed on the selected positions only.
-
-    Args:
-      key: a jax PRNG key.
-      tokens: int32 [B, T].
-
-    Returns:
-      (inputs int32 [B, T], selected bool [B, T]); the targets are `tokens`.
-    """
-    k_sel, k_how, k_rand = jax.random.split(key, 3)
-    eligible = ~jnp.isin(tokens, jnp.asarray(special_ids, tokens.dtype))
-    selected = eligible & (jax.random.uniform(k_sel, tokens.shape) < mask_prob)
-    u = jax.random.uniform(k_how, tokens.shape)
-    to_mask = selected & (u < mask_token_prob)
-    to_random = selected & (u >= mask_token_prob) & (u < mask_token_prob + random_token_prob)
-    random_tokens = jax.random.randint(k_rand, tokens.shape, random_range[0], random_range[1], tokens.dtype)
-    inputs = jnp.where(to_mask, jnp.asarray(mask_id, tokens.dtype), jnp.where(to_random, random_tokens, tokens))
-    return inputs, selected
-
-
-# ---------------------------------------------------------------------------------------------------
 # Models, losses, optimizer
 
 
-def model_config(config: ml_collections.ConfigDict, data: TrainData) -> esm2.ESM2Config | igpt.IGPTConfig:
-    """The model dataclass config from `config.model` (and, for iGPT, the palette size and image length)."""
-    mc = config.model
-    if mc.family == "esm2":
-        return esm2.ESM2Config(
-            num_layers=mc.num_layers, embed_dim=mc.embed_dim, num_heads=mc.num_heads,
-            ffn_dim=mc.get("mlp_dim"), token_dropout=mc.get("token_dropout", True),
-            max_positions=data.seq_len, dtype=mc.get("dtype", "float32"), name=mc.get("name", "custom"),
-        )
-    return igpt.IGPTConfig(
-        vocab_size=config.data.n_colors + 1, n_positions=data.seq_len, n_embd=mc.embed_dim,
-        n_layer=mc.num_layers, n_head=mc.num_heads, n_inner=mc.get("mlp_dim"), dtype=mc.get("dtype", "float32"),
-    )
+def training_family(config: ml_collections.ConfigDict):
+    """The module of `config.model.family`, which must have a training objective."""
+    return registry.trainable_family(config.model.family)
 
 
-def _model_config_json(mcfg) -> dict:
-    family = "esm2" if isinstance(mcfg, esm2.ESM2Config) else "igpt"
-    body = mcfg.to_dict() if family == "esm2" else dataclasses.asdict(mcfg)
-    return {"family": family, "config": body}
+def make_model_config(config: ml_collections.ConfigDict, data: TrainData) -> Any:
+    """The model's dataclass config from `config.model` and the data (sequence length, palette size)."""
+    return training_family(config).training_config(config.model, data)
 
 
-def _model_config_from_json(d: dict):
-    if d["family"] == "esm2":
-        return esm2.ESM2Config.from_dict(d["config"])
-    return igpt.IGPTConfig(**d["config"])
+def build_model(model_config: Any) -> Any:
+    """The Flax module of a model config of any family."""
+    return registry.family(registry.family_of(model_config)).Model(model_config)
 
 
-def build_model(mcfg) -> Any:
-    return esm2.ESM2(mcfg) if isinstance(mcfg, esm2.ESM2Config) else igpt.IGPT(mcfg)
-
-
-def init_params(mcfg, seed: int) -> Any:
+def init_params(model_config: Any, seed: int) -> Any:
     """float32 params (inner dict) from `seed`, with the models' own initializers."""
-    if isinstance(mcfg, esm2.ESM2Config):
-        return esm2.init_params(mcfg, seed)
-    return igpt.init_params(mcfg, seed)
+    return registry.family(registry.family_of(model_config)).init_params(model_config, seed)
 
 
-def make_loss_fns(mcfg, tc: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
+def make_loss_fns(model_config: Any, train_settings: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
     """(train_loss(params, batch, key) -> (loss, aux), eval_sums(params, batch, valid, key) -> (sum, count)).
 
-    ESM-2: mean cross-entropy over the selected (masked) positions of the batch; iGPT: mean next-pixel
-    cross-entropy in nats per pixel (with the start token prepended).
+    The family's `token_losses` gives a per-token loss and weight (ESM-2: the masked positions; iGPT:
+    every pixel); the loss is their weighted mean over the batch.
     """
-    model = build_model(mcfg)
-    if isinstance(mcfg, esm2.ESM2Config):
-        masking = dict(mask_prob=tc.mask_prob, mask_token_prob=tc.mask_token_prob,
-                       random_token_prob=tc.random_token_prob)
-
-        def token_losses(params, tokens, key):
-            inputs, selected = mask_tokens(key, tokens, **masking)
-            logits = model.apply({"params": params}, inputs)["logits"].astype(jnp.float32)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-            return ce, selected.astype(jnp.float32)
-
-    else:
-
-        def token_losses(params, pixels, key):
-            del key
-            logits = model.apply({"params": params}, igpt.add_start_token(pixels, mcfg.start_token))["logits"]
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), pixels)
-            return ce, jnp.ones_like(ce)
+    token_losses = registry.trainable_family(registry.family_of(model_config)).token_losses(model_config,
+                                                                                            train_settings)
 
     def train_loss(params, batch, key):
-        ce, w = token_losses(params, batch, key)
-        count = w.sum()
-        return (ce * w).sum() / jnp.maximum(count, 1.0), {"predicted_tokens": count}
+        losses, weights = token_losses(params, batch, key)
+        count = weights.sum()
+        return (losses * weights).sum() / jnp.maximum(count, 1.0), {"predicted_tokens": count}
 
     def eval_sums(params, batch, valid, key):
-        ce, w = token_losses(params, batch, key)
-        w = w * valid[:, None]
-        return (ce * w).sum(), w.sum()
+        losses, weights = token_losses(params, batch, key)
+        weights = weights * valid[:, None]
+        return (losses * weights).sum(), weights.sum()
 
     return train_loss, eval_sums
 
 
-def make_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
+def make_schedule(train_settings: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup 0 -> lr over warmup_steps, then cosine decay to lr * end_lr_fraction at `steps`."""
+    lr = train_settings.learning_rate
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
-        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.end_lr_fraction,
+        init_value=0.0, peak_value=lr, warmup_steps=train_settings.warmup_steps,
+        decay_steps=max(train_settings.steps, train_settings.warmup_steps + 1),
+        end_value=lr * train_settings.end_lr_fraction,
     )
 
 
-def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(train_settings: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW. Weight decay only on matrices (kernels, embeddings), not on
     biases or norm scales, the usual choice for transformers."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip_norm),
-        optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+        optax.clip_by_global_norm(train_settings.grad_clip_norm),
+        optax.adamw(make_schedule(train_settings), b1=train_settings.b1, b2=train_settings.b2, eps=train_settings.eps,
+                    weight_decay=train_settings.weight_decay,
                     mask=decay_mask),
     )
 
 
-def init_state(mcfg, optimizer: optax.GradientTransformation, seed: int) -> dict:
+def init_state(model_config, optimizer: optax.GradientTransformation, seed: int) -> dict:
     """{params, opt_state, step, rng}: everything the jitted step reads, as one checkpointable pytree."""
-    params = init_params(mcfg, seed)
+    params = init_params(model_config, seed)
     # A raw uint32 key (not a typed key array): plain arrays checkpoint everywhere.
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.asarray(0, jnp.int32), "rng": rng}
@@ -568,13 +214,14 @@ def make_train_step(train_loss: Callable, optimizer: optax.GradientTransformatio
 
 
 @functools.lru_cache(maxsize=8)
-def _step_functions(mcfg, train_json: str) -> tuple[optax.GradientTransformation, Callable, Callable, optax.Schedule]:
+def _step_functions(model_config: Any,
+                    train_json: str) -> tuple[optax.GradientTransformation, Callable, Callable, optax.Schedule]:
     """(optimizer, jitted train_step, jitted eval_sums, schedule), cached per (model config, config.train)
     so repeated runs in one process (resume, tests) reuse the compiled steps."""
-    tc = ml_collections.ConfigDict(json.loads(train_json))
-    optimizer = make_optimizer(tc)
-    train_loss, eval_sums = make_loss_fns(mcfg, tc)
-    return optimizer, make_train_step(train_loss, optimizer), jax.jit(eval_sums), make_schedule(tc)
+    train_settings = ml_collections.ConfigDict(json.loads(train_json))
+    optimizer = make_optimizer(train_settings)
+    train_loss, eval_sums = make_loss_fns(model_config, train_settings)
+    return optimizer, make_train_step(train_loss, optimizer), jax.jit(eval_sums), make_schedule(train_settings)
 
 
 def evaluate(eval_sums: Callable, params: Any, val: np.ndarray, batch_size: int, seed: int) -> float:
@@ -601,20 +248,20 @@ def evaluate(eval_sums: Callable, params: Any, val: np.ndarray, batch_size: int,
 # Checkpoints
 
 
-def keep_steps(cc: ml_collections.ConfigDict) -> tuple[int, ...]:
+def keep_steps(checkpoint_settings: ml_collections.ConfigDict) -> tuple[int, ...]:
     """Steps checkpointed in addition to every `interval` and never deleted (e.g. log-spaced steps for a
     profile-over-training sweep; 0 is the untrained initialisation)."""
-    return tuple(sorted({int(s) for s in (cc.get("keep_steps") or ())}))
+    return tuple(sorted({int(s) for s in (checkpoint_settings.get("keep_steps") or ())}))
 
 
-def _manager(workdir: pathlib.Path, cc: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    kept = keep_steps(cc)
+def _manager(workdir: pathlib.Path, checkpoint_settings: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    kept = keep_steps(checkpoint_settings)
     # The newest `max_to_keep` checkpoints (for resumption) plus the `keep_steps` ones (for analysis).
-    policy = ocp.checkpoint_managers.LatestN(cc.max_to_keep) if not kept else \
-        ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(cc.max_to_keep),
+    policy = ocp.checkpoint_managers.LatestN(checkpoint_settings.max_to_keep) if not kept else \
+        ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(checkpoint_settings.max_to_keep),
                                                        ocp.checkpoint_managers.CustomSteps(list(kept))])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=cc.get("async_save", True), create=True,
+        preservation_policy=policy, enable_async_checkpointing=checkpoint_settings.get("async_save", True), create=True,
     )
     return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
                                  item_names=(STATE_ITEM, DATA_ITEM))
@@ -724,23 +371,23 @@ def train(
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Callable[[int], None] | None) -> dict:
-    tc, cc = config.train, config.checkpoint
+    train_settings, checkpoint_settings = config.train, config.checkpoint
     t_start = time.perf_counter()
 
-    data, split = load_data(config, workdir)
-    mcfg = model_config(config, data)
-    optimizer, train_step, eval_sums, schedule = _step_functions(mcfg, tc.to_json(sort_keys=True))
+    data, split = load_data(training_family(config).TRAINING_DATA, config.data, workdir)
+    model_config = make_model_config(config, data)
+    optimizer, train_step, eval_sums, schedule = _step_functions(model_config, train_settings.to_json(sort_keys=True))
 
     _check_resume_config(workdir, config)
     atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
-    atomic_write_text(workdir / "model_config.json", json.dumps(_model_config_json(mcfg), indent=2))
+    atomic_write_text(workdir / "model_config.json", json.dumps(registry.config_to_json(model_config), indent=2))
     atomic_write_text(workdir / "data_split.json", json.dumps({"info": data.info, **split}))
 
-    state = init_state(mcfg, optimizer, config.seed)
+    state = init_state(model_config, optimizer, config.seed)
     n_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
-    iterator = BatchIterator(data, tc.batch_size, config.seed, max_residues=config.data.get("max_residues"))
+    iterator = BatchIterator(data, train_settings.batch_size, config.seed, max_residues=config.data.get("max_residues"))
     metrics_path = workdir / "metrics.jsonl"
-    mngr = _manager(workdir, cc)
+    mngr = _manager(workdir, checkpoint_settings)
     resumed_from = None
     try:
         restored = _restore_newest_good(mngr, state)
@@ -753,7 +400,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
                 shutil.move(workdir / "checkpoints" / str(step), target)
                 logging.warning("moved damaged checkpoint %d to %s; resuming from checkpoint %d", step, target,
                                 restored[0])
-            mngr = _manager(workdir, cc)
+            mngr = _manager(workdir, checkpoint_settings)
         latest = None if restored is None else restored[0]
         _truncate_metrics(metrics_path, latest)
         if latest is not None:
@@ -764,19 +411,19 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
             iterator = BatchIterator.from_state(data, data_state, max_residues=config.data.get("max_residues"))
             resumed_from = int(latest)
         start = int(state["step"])
-        kept = set(keep_steps(cc))
+        kept = set(keep_steps(checkpoint_settings))
         if latest is None:  # a fresh start (a run resumed from a step-0 checkpoint has this record already)
-            loss0 = evaluate(eval_sums, state["params"], data.val, tc.eval_batch_size, config.seed)
+            loss0 = evaluate(eval_sums, state["params"], data.val, train_settings.eval_batch_size, config.seed)
             _append_jsonl(metrics_path, {"kind": "eval", "step": 0, "loss": loss0,
                                          "time_s": time.perf_counter() - t_start})
             if 0 in kept:  # after the record: a kill in between starts afresh rather than losing it
                 _save_checkpoint(mngr, 0, state, iterator)
 
-        bar = tqdm(total=tc.steps, initial=start, disable=not tc.get("progress_bar", True),
-                   desc=f"train {mcfg.__class__.__name__}", dynamic_ncols=True)
+        bar = tqdm(total=train_settings.steps, initial=start, disable=not train_settings.get("progress_bar", True),
+                   desc=f"train {model_config.__class__.__name__}", dynamic_ncols=True)
         pending, tokens, examples = [], 0, 0
         t_log, compile_s = time.perf_counter(), None
-        for step in range(start + 1, tc.steps + 1):
+        for step in range(start + 1, train_settings.steps + 1):
             batch = next(iterator)
             state, m = train_step(state, jnp.asarray(batch))
             pending.append(m)
@@ -785,9 +432,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
                 compile_s = time.perf_counter() - t_log
                 t_log = time.perf_counter()
             else:
-                tokens += int((batch != ptok.PAD_ID).sum()) if data.family == "esm2" else batch.size
+                tokens += data.real_tokens(batch)
                 examples += batch.shape[0]
-            if step % tc.log_interval == 0 or step == tc.steps:
+            if step % train_settings.log_interval == 0 or step == train_settings.steps:
                 # The loss is averaged over every step since the last record (the same steps whether
                 # or not the run was resumed in between), throughput over the timed ones.
                 fetched = jax.device_get(pending)
@@ -805,11 +452,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{(rec['tokens_per_s'] or 0):.0f}")
                 pending, tokens, examples, t_log = [], 0, 0, time.perf_counter()
             t_pause = time.perf_counter()
-            if step % tc.eval_interval == 0 or step == tc.steps:
-                loss = evaluate(eval_sums, state["params"], data.val, tc.eval_batch_size, config.seed)
+            if step % train_settings.eval_interval == 0 or step == train_settings.steps:
+                loss = evaluate(eval_sums, state["params"], data.val, train_settings.eval_batch_size, config.seed)
                 _append_jsonl(metrics_path, {"kind": "eval", "step": step, "loss": loss,
                                              "time_s": time.perf_counter() - t_start})
-            if step % cc.interval == 0 or step == tc.steps or step in kept:
+            if step % checkpoint_settings.interval == 0 or step == train_settings.steps or step in kept:
                 _save_checkpoint(mngr, step, state, iterator)
             t_log += time.perf_counter() - t_pause  # evaluation and checkpointing are not training throughput
             bar.update(1)
@@ -822,10 +469,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
 
     evals = [r for r in read_metrics(workdir) if r["kind"] == "eval"]
     result = {
-        "family": data.family, "final_step": int(state["step"]), "resumed_from": resumed_from,
+        "family": config.model.family, "final_step": int(state["step"]), "resumed_from": resumed_from,
         "num_params": n_params, "eval_loss": [(r["step"], r["loss"]) for r in evals],
         "final_eval_loss": evals[-1]["loss"] if evals else None, "data": data.info,
-        "compile_s": compile_s if tc.steps > start else None, "wall_time_s": time.perf_counter() - t_start,
+        "compile_s": compile_s if train_settings.steps > start else None, "wall_time_s": time.perf_counter() - t_start,
         "workdir": str(workdir),
     }
     atomic_write_json(workdir / "train_result.json", result, checksum=True)
@@ -834,7 +481,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Trains `config.model.family` ("esm2" masked LM | "igpt" autoregressive pixels) in `workdir`.
+    """Trains `config.model.family` (ESM-2: masked LM, iGPT: autoregressive pixels) in `workdir`.
 
     Resumes from the latest checkpoint in `workdir/checkpoints` if there is one (exactly: same
     params, optimizer state, RNG and data position as an uninterrupted run).
@@ -863,22 +510,23 @@ def load_trained(workdir: pathlib.Path | str, step: int | None = None) -> tuple[
       step: which checkpoint (default the latest).
 
     Returns:
-      (`esm2.ESM2` or `igpt.IGPT` module, params (inner dict, float32 jax arrays), ConfigDict). For
-      iGPT, quantize inputs with `palette.load_palette(workdir / "palette.npy")` and prepend the start
-      token (`igpt.add_start_token`).
+      (the family's Flax module, params (inner dict, float32 jax arrays), ConfigDict). For iGPT,
+      quantize inputs with `palette.load_palette(workdir / "palette.npy")` and prepend the start token
+      (`igpt.add_start_token`). `model_config.json` of every earlier version is read
+      (`registry.config_from_json`).
     """
     workdir = pathlib.Path(workdir)
     config = load_config(workdir)
-    mcfg = _model_config_from_json(json.loads((workdir / "model_config.json").read_text()))
+    model_config = registry.config_from_json(json.loads((workdir / "model_config.json").read_text()))
     with ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_names=(STATE_ITEM, DATA_ITEM)) as mngr:
-        template = jax.eval_shape(functools.partial(init_state, mcfg, make_optimizer(config.train), 0))
+        template = jax.eval_shape(functools.partial(init_state, model_config, make_optimizer(config.train), 0))
         if step is not None:
             state, _ = _restore(mngr, step, template)
         elif (restored := _restore_newest_good(mngr, template)) is not None:
             state = restored[1]
         else:
             raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}")
-    return build_model(mcfg), state["params"], config
+    return build_model(model_config), state["params"], config
 
 
 def plot_metrics(
@@ -900,9 +548,9 @@ def plot_metrics(
         ax.plot(*zip(*tr, strict=True), lw=1, alpha=0.6, label="train (mean over log interval)")
     if ev:
         ax.plot(*zip(*ev, strict=True), "o-", lw=1.5, ms=3, label="held-out")
-    family = json.loads((workdir / "model_config.json").read_text())["family"]
+    family = registry.family(json.loads((workdir / "model_config.json").read_text())["family"])
     ax.set_xlabel("step")
-    ax.set_ylabel("masked-token cross-entropy (nats)" if family == "esm2" else "next-pixel cross-entropy (nats)")
+    ax.set_ylabel(family.LOSS_NAME)
     ax.set_title(title or workdir.name)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -26,7 +26,7 @@ import functools
 import importlib
 import json
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -50,7 +50,7 @@ class BertConfig:
     hidden_size: int
     num_layers: int
     num_heads: int
-    intermediate_size: int
+    ffn_dim: int
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
@@ -68,6 +68,31 @@ class BertConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BertConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown BertConfig fields: {unknown}")
+        return cls(**d)
+
+
+# Shapes by name (random init): all-MiniLM-L6-v2's architecture and a tiny one for tests.
+SIZES: dict[str, BertConfig] = {
+    "minilm": BertConfig(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, ffn_dim=1536),
+    "tiny": BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2, ffn_dim=64),
+}
+
+
+def get_config(size: str, **overrides: Any) -> BertConfig:
+    """A config by size key ("minilm", "tiny"), with field overrides."""
+    if size not in SIZES:
+        raise ValueError(f"unknown BERT size {size!r}; known: {sorted(SIZES)}")
+    return dataclasses.replace(SIZES[size], **overrides)
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> BertConfig:
@@ -95,7 +120,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> BertConfig:
         hidden_size=hidden_size,
         num_layers=field("num_hidden_layers", int, positive=True),
         num_heads=field("num_attention_heads", int, positive=True),
-        intermediate_size=field("intermediate_size", int, positive=True),
+        ffn_dim=field("intermediate_size", int, positive=True),
         max_position_embeddings=field("max_position_embeddings", int, 512, positive=True),
         type_vocab_size=field("type_vocab_size", int, 2, positive=True),
         layer_norm_eps=field("layer_norm_eps", float, 1e-12, positive=True),
@@ -160,7 +185,7 @@ class BertLayer(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         ctx = jnp.einsum("bhqk,bhkd->bqhd", probs, v, precision=prec).reshape(b, t, c.hidden_size)
         x = _layer_norm(c, "attention_LayerNorm")(_dense(c, c.hidden_size, "attention_output")(ctx) + x)
-        h = jax.nn.gelu(_dense(c, c.intermediate_size, "intermediate")(x), approximate=False)
+        h = jax.nn.gelu(_dense(c, c.ffn_dim, "intermediate")(x), approximate=False)
         return _layer_norm(c, "output_LayerNorm")(_dense(c, c.hidden_size, "output")(h) + x)
 
 
@@ -246,10 +271,21 @@ def hf_conversion_rules(config: BertConfig, prefix: str = "") -> dict[tuple[str,
     return rules
 
 
-def param_shapes(model: Bert) -> Any:
-    """ShapeDtypeStruct tree of `model`'s params, without allocating them."""
+def param_shapes(config: BertConfig) -> Any:
+    """ShapeDtypeStruct tree of the params of `Bert(config)`, without allocating them."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), ids, jnp.ones_like(ids))["params"]
+    return jax.eval_shape(Bert(config).init, jax.random.key(0), ids, jnp.ones_like(ids))["params"]
+
+
+def init_params(config: BertConfig, seed: int = 0) -> dict:
+    """Random float32 params (the inner tree), flax's default initializers."""
+    return _init_fn(dataclasses.replace(config, dtype="float32"))(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(config: BertConfig):
+    ids = np.zeros((1, 8), np.int32)  # numpy, not jnp: this cached function must not capture a tracer
+    return jax.jit(lambda key: Bert(config).init(key, ids, np.ones_like(ids))["params"])
 
 
 def convert_hf_state(state: Mapping[str, np.ndarray], config: BertConfig, dtype: Any = "float32") -> dict:
@@ -262,7 +298,7 @@ def convert_hf_state(state: Mapping[str, np.ndarray], config: BertConfig, dtype:
     return checkpoints.convert_state_dict(
         state,
         hf_conversion_rules(config, prefix),
-        param_shapes(Bert(config)),
+        param_shapes(config),
         ignore=HF_IGNORED_KEYS,
         dtype=jnp.dtype(dtype),  # jnp resolves "bfloat16" too
     )
@@ -344,10 +380,6 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(norm, eps)
 
 
-def _unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    return params["params"] if set(params) == {"params"} else params
-
-
 @functools.lru_cache(maxsize=64)
 def _pooled_fn(config: BertConfig, normalize: bool):
     model = Bert(config)
@@ -386,7 +418,8 @@ def pooled_hidden_states(
     check_token_ids(input_ids, model.config.vocab_size, name="input_ids")
     check_token_ids(attention_mask, 2, name="attention_mask values", what="(0 or 1) size")
     fn = _pooled_fn(model.config, bool(normalize))
-    return fn(_unwrap(params), jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
+    return fn(checkpoints.unwrap_params(params), jnp.asarray(input_ids, jnp.int32),
+              jnp.asarray(attention_mask, jnp.int32))
 
 
 def sentence_embedding(
@@ -406,3 +439,72 @@ def sentence_embedding(
     if recipe.pooling != "mean":
         raise ValueError(f"pooling {recipe.pooling!r} is not implemented")
     return pooled_hidden_states(model, params, input_ids, attention_mask, normalize=recipe.normalize)[-1]
+
+
+# ----------------------------------------------------------------------------- the family protocol (models/registry.py)
+
+Config = BertConfig
+Model = Bert
+SOURCES = ("hf", "minilm", "orbax")
+PATHLESS_SOURCES = ("minilm",)  # the checkpoint ships in a Python package
+
+
+def save(path: checkpoints.PathLike, config: BertConfig, params: Mapping[str, Any]) -> None:
+    """Orbax checkpoint of params with the config in its metadata."""
+    checkpoints.save_orbax(path, checkpoints.unwrap_params(params), {"model": "bert", "config": config.to_dict()})
+
+
+def restore(path: checkpoints.PathLike) -> tuple[BertConfig, dict]:
+    """Inverse of `save`: (config, params tree as host numpy arrays)."""
+    params, metadata = checkpoints.restore_orbax(path)
+    if metadata.get("model") != "bert" or "config" not in metadata:
+        raise checkpoints.CheckpointError(f"{path} is not a BERT checkpoint (metadata: {sorted(metadata)})")
+    return BertConfig.from_dict(metadata["config"]), params
+
+
+def load(source: str, path: checkpoints.PathLike | None) -> tuple[BertConfig, dict]:
+    """(config, float32 params): a HF directory ("hf"), the packaged all-MiniLM-L6-v2 ("minilm", no path)
+    or `save` ("orbax")."""
+    if source == "minilm":
+        return load_hf(minilm_checkpoint_dir())
+    readers = {"hf": load_hf, "orbax": restore}
+    if source not in readers:
+        raise ValueError(f"unknown BERT source {source!r}: one of {', '.join(SOURCES)}")
+    return readers[source](path)
+
+
+def make_encoder(config: BertConfig, params: Any, settings: Any, examples: Any, *, workdir: Any = None,
+                 batch_size: int | None = None):
+    """Extraction encoder: texts -> WordPiece (the checkpoint's own tokenizer.json) -> mean-pooled states.
+
+    `settings.bert.normalize`: L2-normalise each pooled vector (sentence-transformers' Normalize). The
+    tokenizer is read from the checkpoint directory (`settings.path`; the packaged one for "minilm").
+    """
+    from models import text_tokenizer
+    from models.protein_tokenizer import round_up
+    from models.registry import FamilyEncoder
+
+    del workdir, batch_size
+    path = minilm_checkpoint_dir() if settings.source == "minilm" else pathlib.Path(settings.path)
+    tokenizer = text_tokenizer.load_tokenizer(path)
+    model = Bert(config)
+    normalize = bool(settings.bert.get("normalize", False))
+    lengths = {text: len(e.ids) for text, e in
+               zip(examples.inputs, tokenizer.tokenizer.encode_batch(list(examples.inputs)), strict=True)}
+
+    def prepare_batch(texts: Sequence[str]) -> dict:
+        encoded = text_tokenizer.encode_batch(tokenizer, list(texts), pad_to_multiple_of=16)
+        rows = round_up(len(texts), 8)
+        ids = np.full((rows, encoded["input_ids"].shape[1]), tokenizer.pad_id, np.int32)
+        mask = np.zeros_like(ids)
+        ids[: len(texts)], mask[: len(texts)] = encoded["input_ids"], encoded["attention_mask"]
+        mask[len(texts) :, 0] = 1  # filler rows attend to one token so no row is empty
+        return {"input_ids": ids, "attention_mask": mask, "rows": len(texts)}
+
+    def pooled_states(batch: dict) -> np.ndarray:
+        pooled = pooled_hidden_states(model, params, batch["input_ids"], batch["attention_mask"], normalize=normalize)
+        return np.asarray(pooled)[:, : batch["rows"]]
+
+    description = {"family": "bert", "source": settings.source, "path": str(path), "normalize": normalize}
+    return FamilyEncoder(config.num_layers, prepare_batch, pooled_states, description,
+                         sort_key=lengths.__getitem__)

@@ -278,6 +278,12 @@ def convert_state_dict(
     return params
 
 
+def unwrap_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The params tree, given either it or a variables dict {"params": tree, ...} (no family names a
+    module "params", so the key is unambiguous)."""
+    return params["params"] if "params" in params else params
+
+
 def save_orbax(path: PathLike, params: Any, metadata: Mapping[str, Any] | None = None) -> None:
     """Saves converted params (and a JSON-able metadata dict, e.g. the model config) with Orbax.
 

@@ -17,7 +17,9 @@ them in the (hashable, JSON-serialisable) config makes them compile-time constan
 the Orbax metadata.
 
 Loaders: `load_hf` (safetensors, single or sharded; no torch), `load_fair_esm` (a fair-esm `.pt`,
-torch imported inside), `save_converted` / `restore_converted` (Orbax + config in the metadata).
+torch imported inside), `save` / `restore` (Orbax + config in the metadata); `load(source, path)` is
+the family protocol's entry (`models/registry.py`), as are `make_encoder` (extraction) and
+`token_losses` (masked-LM training with ESM's 15% / 80-10-10 corruption, `mask_tokens`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import pathlib
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import checkpoints
+from models import checkpoints, protein_tokenizer
 from models.checkpoints import CheckpointError, PathLike
 from models.pooling import first_token, masked_mean
 from models.protein_tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID
@@ -403,10 +405,6 @@ def cast_params(params: Any, dtype: str | Any) -> Any:
     )
 
 
-def _unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    return params["params"] if set(params) == {"params"} else params
-
-
 def residue_mask(tokens: jax.Array, config: ESM2Config) -> jax.Array:
     """bool [B, T]: true at residue positions (<mask> included), false at <cls>, <eos>, padding."""
     return (tokens != config.cls_id) & (tokens != config.eos_id) & (tokens != config.pad_id)
@@ -444,7 +442,7 @@ def pooled_hidden_states(
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
     check_token_ids(tokens, model.config.vocab_size, name="tokens")
-    return _pooled_fn(model.config, pooling)(_unwrap(params), jnp.asarray(tokens, jnp.int32))
+    return _pooled_fn(model.config, pooling)(checkpoints.unwrap_params(params), jnp.asarray(tokens, jnp.int32))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +578,7 @@ def to_hf_state_dict(config: ESM2Config, params: Mapping[str, Any]) -> dict[str,
     """
     flat = {
         tuple(getattr(k, "key", str(k)) for k in path): np.asarray(leaf, dtype=np.float32)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(_unwrap(params))[0]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(checkpoints.unwrap_params(params))[0]
     }
     state = {}
     for flax_path, (key, transform) in conversion_rules(config, "hf").items():
@@ -694,14 +692,156 @@ def load_fair_esm(
     return config, jax.device_put(params)
 
 
-def save_converted(path: PathLike, config: ESM2Config, params: Any) -> None:
+def save(path: PathLike, config: ESM2Config, params: Any) -> None:
     """Saves converted params with Orbax; the config (incl. inv_freq) goes in the metadata."""
-    checkpoints.save_orbax(path, params, {"model": "esm2", "config": config.to_dict()})
+    checkpoints.save_orbax(path, checkpoints.unwrap_params(params), {"model": "esm2", "config": config.to_dict()})
 
 
-def restore_converted(path: PathLike) -> tuple[ESM2Config, dict]:
-    """Inverse of `save_converted`: (config, params on the default device)."""
+def restore(path: PathLike) -> tuple[ESM2Config, dict]:
+    """Inverse of `save`: (config, params on the default device)."""
     params, metadata = checkpoints.restore_orbax(path)
     if metadata.get("model") != "esm2" or "config" not in metadata:
         raise CheckpointError(f"{path} is not an ESM-2 conversion (metadata: {sorted(metadata)})")
     return ESM2Config.from_dict(metadata["config"]), jax.device_put(params)
+
+
+# --------------------------------------------------------------------------------------------------
+# The family protocol (models/registry.py)
+# --------------------------------------------------------------------------------------------------
+
+Config = ESM2Config
+Model = ESM2
+SOURCES = ("hf", "fair_esm", "orbax")
+
+
+def load(source: str, path: PathLike) -> tuple[ESM2Config, dict]:
+    """(config, float32 params) from a HF directory ("hf"), a fair-esm `.pt` ("fair_esm") or `save` ("orbax")."""
+    readers = {"hf": load_hf, "fair_esm": load_fair_esm, "orbax": restore}
+    if source not in readers:
+        raise ValueError(f"unknown ESM-2 source {source!r}: one of {', '.join(readers)}")
+    return readers[source](path)
+
+
+def make_encoder(config: ESM2Config, params: Any, settings: Any, examples: Any, *, workdir: Any = None,
+                 batch_size: int | None = None):
+    """Extraction encoder: protein sequences -> mean (or <cls>) pooled states of every layer.
+
+    `settings.esm2`: pooling ("mean" | "cls"), long_policy / max_residues (sequences longer than the
+    model's window: "error", "crop", or "windows", averaged weighted by residues), unknown ("error" |
+    "X") and dtype (inference dtype, one cast for every source). `examples`: every sequence analysed
+    (`.inputs`, with their `.ids` for error messages), tokenized once up front so a bad one is named first.
+    """
+    from models.registry import FamilyEncoder
+
+    del workdir, batch_size  # batches are padded to a multiple of 8 rows and 16 positions
+    own = settings.esm2
+    dtype = own.get("dtype", "float32")
+    if dtype != "float32":
+        params = cast_params(params, dtype)
+        config = config.replace(dtype=dtype)
+    model = ESM2(config)
+    long_policy, max_residues, unknown = own.get("long_policy", "crop"), own.get("max_residues", 1022), \
+        own.get("unknown", "error")
+    pooling = own.get("pooling", "mean")
+
+    def tokenize(sequence: str, seq_id: str = "?") -> protein_tokenizer.TokenizedSequence:
+        return protein_tokenizer.tokenize(sequence, seq_id=seq_id, unknown=unknown, long_policy=long_policy,
+                                          max_residues=max_residues)
+
+    tokenized = [tokenize(seq, seq_id) for seq_id, seq in zip(examples.ids, examples.inputs, strict=True)]
+    token_lengths = {seq: max(len(p) for p in t.pieces) for seq, t in zip(examples.inputs, tokenized, strict=True)}
+
+    def prepare_batch(sequences: Sequence[str]) -> dict:
+        pieces = [(row, p) for row, seq in enumerate(sequences) for p in tokenize(seq).pieces]
+        width = protein_tokenizer.round_up(max(len(p) for _, p in pieces), 16)
+        tokens = np.full((protein_tokenizer.round_up(len(pieces), 8), width), PAD_ID, np.int32)
+        for r, (_, p) in enumerate(pieces):
+            tokens[r, : len(p)] = p
+        return {"tokens": tokens, "owner": np.array([row for row, _ in pieces]),
+                "residues": np.array([len(p) - 2 for _, p in pieces], np.float64), "rows": len(sequences)}
+
+    def pooled_states(batch: dict) -> np.ndarray:
+        owner, weights = batch["owner"], batch["residues"]
+        pooled = np.asarray(pooled_hidden_states(model, params, batch["tokens"], pooling=pooling))[:, : len(owner)]
+        # Windows of one long sequence: average weighted by residues per window.
+        out = np.zeros((pooled.shape[0], batch["rows"], pooled.shape[2]), np.float64)
+        np.add.at(out, (slice(None), owner), pooled * weights[None, :, None])
+        out /= np.bincount(owner, weights=weights)[None, :, None]
+        return out.astype(np.float32)
+
+    cropped = sum(t.policy_applied != "none" for t in tokenized)
+    description = {"family": "esm2", "source": settings.source, "path": str(settings.get("path")),
+                   "config": config.to_dict(), "pooling": pooling, "long_policy": long_policy,
+                   "n_long_sequences": int(cropped), "dtype": dtype}
+    return FamilyEncoder(config.num_layers, prepare_batch, pooled_states, description,
+                         sort_key=token_lengths.__getitem__)
+
+
+# Training: masked LM. The 20 standard amino acids are ids 4..23 (LAGVSERTIDPKQNFYMHWC): the pool for
+# the 10% "random" replacements (X, B, U, Z, O are rare/ambiguous and not worth teaching as corruptions).
+TRAINING_DATA = "proteins"
+LOSS_NAME = "masked-token cross-entropy (nats)"
+STANDARD_AA_IDS = (protein_tokenizer.TOKEN_TO_ID["L"], protein_tokenizer.TOKEN_TO_ID["C"] + 1)
+SPECIAL_IDS = (CLS_ID, PAD_ID, EOS_ID)
+
+
+def training_config(model_settings: Any, data: Any) -> ESM2Config:
+    """The config of a model trained here: a training config's `model` block; positions from the data."""
+    return ESM2Config(
+        num_layers=model_settings.num_layers, embed_dim=model_settings.embed_dim, num_heads=model_settings.num_heads,
+        ffn_dim=model_settings.get("ffn_dim"), token_dropout=model_settings.esm2.get("token_dropout", True),
+        max_positions=data.seq_len, dtype=model_settings.get("dtype", "float32"),
+        name=model_settings.get("name", "custom"),
+    )
+
+
+def mask_tokens(
+    key: jax.Array,
+    tokens: jax.Array,
+    *,
+    mask_prob: float = 0.15,
+    mask_token_prob: float = 0.8,
+    random_token_prob: float = 0.1,
+    mask_id: int = MASK_ID,
+    special_ids: Sequence[int] = SPECIAL_IDS,
+    random_range: tuple[int, int] = STANDARD_AA_IDS,
+) -> tuple[jax.Array, jax.Array]:
+    """ESM's masked-LM corruption.
+
+    Each token that is not special (<cls>, <pad>, <eos>) is selected independently with probability
+    `mask_prob`; a selected token becomes <mask> with probability 0.8, a uniformly random standard
+    amino acid with 0.1 (which may equal the original, as in BERT/ESM), and stays unchanged with 0.1.
+    The loss is computed on the selected positions only.
+
+    Args:
+      key: a jax PRNG key.
+      tokens: int32 [B, T].
+
+    Returns:
+      (inputs int32 [B, T], selected bool [B, T]); the targets are `tokens`.
+    """
+    k_sel, k_how, k_rand = jax.random.split(key, 3)
+    eligible = ~jnp.isin(tokens, jnp.asarray(special_ids, tokens.dtype))
+    selected = eligible & (jax.random.uniform(k_sel, tokens.shape) < mask_prob)
+    u = jax.random.uniform(k_how, tokens.shape)
+    to_mask = selected & (u < mask_token_prob)
+    to_random = selected & (u >= mask_token_prob) & (u < mask_token_prob + random_token_prob)
+    random_tokens = jax.random.randint(k_rand, tokens.shape, random_range[0], random_range[1], tokens.dtype)
+    inputs = jnp.where(to_mask, jnp.asarray(mask_id, tokens.dtype), jnp.where(to_random, random_tokens, tokens))
+    return inputs, selected
+
+
+def token_losses(config: ESM2Config, train_settings: Any) -> Callable:
+    """(params, tokens [B, T], key) -> (cross-entropy [B, T], weights [B, T]): 1 on the masked positions."""
+    import optax
+
+    model = ESM2(config)
+    masking = dict(mask_prob=train_settings.mask_prob, mask_token_prob=train_settings.mask_token_prob,
+                   random_token_prob=train_settings.random_token_prob)
+
+    def losses(params, tokens, key):
+        inputs, selected = mask_tokens(key, tokens, **masking)
+        logits = model.apply({"params": params}, inputs)["logits"].astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens), selected.astype(jnp.float32)
+
+    return losses

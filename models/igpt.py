@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping
+import pathlib
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import checkpoints
+from models import checkpoints, palette
 from models.pooling import masked_mean
 from models.token_ids import check_token_ids
 
@@ -68,14 +69,14 @@ HF_BUFFER_PATTERNS = (r"(^|\.)attn\.(masked_)?bias$",)
 
 @dataclasses.dataclass(frozen=True)
 class IGPTConfig:
-    """Static iGPT hyper-parameters (hashable, JSON-able via `dataclasses.asdict`)."""
+    """Static iGPT hyper-parameters (hashable; `to_dict` / `from_dict` for JSON)."""
 
     vocab_size: int = 513  # colour clusters + 1 start token (the last id)
     n_positions: int = 1024
     n_embd: int = 512
     n_layer: int = 24
     n_head: int = 8
-    n_inner: int | None = None  # MLP width; None -> 4 * n_embd
+    ffn_dim: int | None = None  # MLP width (HF's n_inner); None -> 4 * n_embd
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "quick_gelu"
     scale_attn_weights: bool = True
@@ -93,6 +94,23 @@ class IGPTConfig:
             )
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size={self.vocab_size} must hold at least one colour and the start token")
+        if self.ffn_dim is None:
+            object.__setattr__(self, "ffn_dim", 4 * self.n_embd)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> IGPTConfig:
+        """Reads `to_dict`'s output; "n_inner" (HF's name, written by older versions) is read as ffn_dim."""
+        d = dict(d)
+        if "n_inner" in d:
+            d["ffn_dim"] = d.pop("n_inner")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown IGPTConfig fields: {unknown}")
+        return cls(**d)
 
     @property
     def start_token(self) -> int:
@@ -106,15 +124,11 @@ class IGPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    @property
-    def inner_dim(self) -> int:
-        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
-
-def igpt_config(size: str, **overrides: Any) -> IGPTConfig:
+def get_config(size: str, **overrides: Any) -> IGPTConfig:
     """Config of a named size ("s"/"m"/"l" as published, or "tiny"/"mini"/"small-custom"), with overrides.
 
-    E.g. `igpt_config("tiny", vocab_size=17, n_positions=64)` for 16 colours and 8x8 images.
+    E.g. `get_config("tiny", vocab_size=17, n_positions=64)` for 16 colours and 8x8 images.
     """
     key = _SIZE_ALIASES.get(size.lower(), size.lower())
     if key not in SIZES:
@@ -141,7 +155,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> IGPTConfig:
         n_embd=field("n_embd", int, 512, aliases=("hidden_size",), positive=True),
         n_layer=field("n_layer", int, 24, aliases=("num_hidden_layers",), positive=True),
         n_head=field("n_head", int, 8, aliases=("num_attention_heads",), positive=True),
-        n_inner=field("n_inner", int, None, positive=True),
+        ffn_dim=field("n_inner", int, None, positive=True),
         layer_norm_epsilon=field("layer_norm_epsilon", float, 1e-5, positive=True),
         activation_function=field("activation_function", str, "quick_gelu"),
         scale_attn_weights=field("scale_attn_weights", bool, True),
@@ -207,7 +221,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]."""
         cfg = self.config
-        h = _ACTIVATIONS[cfg.activation_function](_dense(cfg, cfg.inner_dim, "c_fc")(x))
+        h = _ACTIVATIONS[cfg.activation_function](_dense(cfg, cfg.ffn_dim, "c_fc")(x))
         return _dense(cfg, cfg.n_embd, "c_proj", std=cfg.initializer_range / (2 * cfg.n_layer) ** 0.5)(h)
 
 
@@ -300,11 +314,6 @@ def autoregressive_loss(logits: jax.Array, pixels: jax.Array) -> jax.Array:
 # Params: init, HF conversion, Orbax
 
 
-def _as_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Accepts the params tree or the full variables dict {'params': tree} (no module is named 'params')."""
-    return params["params"] if "params" in params else params
-
-
 def init_params(config: IGPTConfig, seed: int = 0) -> dict:
     """Random float32 GPT-2-style params (the inner `params` dict), the model's own initializers."""
     return _init_fn(dataclasses.replace(config, dtype="float32"))(jax.random.key(seed))
@@ -372,7 +381,7 @@ def load_hf(path: PathLike, *, dtype: Any = np.float32) -> tuple[IGPTConfig, dic
 def save(path: PathLike, config: IGPTConfig, params: Mapping[str, Any]) -> None:
     """Orbax checkpoint of params with the config in its metadata."""
     checkpoints.save_orbax(
-        path, _as_params(params), {"model": "igpt", "config": dataclasses.asdict(config)}
+        path, checkpoints.unwrap_params(params), {"model": "igpt", "config": config.to_dict()}
     )
 
 
@@ -381,7 +390,7 @@ def restore(path: PathLike) -> tuple[IGPTConfig, dict]:
     params, metadata = checkpoints.restore_orbax(path)
     if metadata.get("model") != "igpt" or "config" not in metadata:
         raise checkpoints.CheckpointError(f"{path} is not an iGPT checkpoint (metadata: {metadata})")
-    return IGPTConfig(**metadata["config"]), params
+    return IGPTConfig.from_dict(metadata["config"]), params
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,7 +408,7 @@ def _pooled(model: IGPT, params: Any, tokens: jax.Array, stream: str) -> jax.Arr
     return jnp.stack([masked_mean(h, mask) for h in states])
 
 
-def pooled_representations(
+def pooled_hidden_states(
     model: IGPT, params: Mapping[str, Any], tokens: jax.Array, *, stream: Stream = "paper"
 ) -> jax.Array:
     """Mean over positions of every layer's representation (jit-compiled per model/shape).
@@ -416,4 +425,146 @@ def pooled_representations(
     if stream not in ("paper", "residual"):
         raise ValueError(f"stream must be 'paper' or 'residual', got {stream!r}")
     check_token_ids(tokens, model.config.vocab_size, name="tokens")
-    return _pooled(model, _as_params(params), jnp.asarray(tokens, jnp.int32), stream)
+    return _pooled(model, checkpoints.unwrap_params(params), jnp.asarray(tokens, jnp.int32), stream)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The family protocol (models/registry.py)
+
+Config = IGPTConfig
+Model = IGPT
+SOURCES = ("hf", "orbax")
+FIT_PALETTE = "fit"
+
+
+def load(source: str, path: PathLike) -> tuple[IGPTConfig, dict]:
+    """(config, float32 params) from a HF ImageGPT directory ("hf") or `save` ("orbax")."""
+    readers = {"hf": load_hf, "orbax": restore}
+    if source not in readers:
+        raise ValueError(f"unknown iGPT source {source!r}: one of {', '.join(readers)}")
+    return readers[source](path)
+
+
+def palette_source(source: str, path: PathLike | None, chosen: str | None) -> tuple[str, pathlib.Path | None]:
+    """Where an iGPT's colour palette comes from: (kind, file), decided before any model is loaded.
+
+    `chosen` (model.igpt.palette) a file (`preprocessor_config.json`, `.npy`) or a directory holding
+    one: ("file", it). `chosen == "fit"`: ("fitted", None), k-means on the analysed images. Unset: a HF
+    checkpoint (source "hf") uses its own clusters ("checkpoint") and is refused without them, since its
+    colour ids mean the colours it was trained on, which a palette fitted here does not reproduce; a
+    model trained here uses the palette saved with it ("trained"); a random init gets a fitted one.
+    """
+    if chosen == FIT_PALETTE:
+        return "fitted", None
+    if chosen:
+        chosen_path = pathlib.Path(chosen)
+        if chosen_path.is_dir():
+            return "file", palette.checkpoint_palette(chosen_path) or chosen_path
+        return "file", chosen_path
+    if source == "hf":
+        found = palette.checkpoint_palette(path)
+        if found is None:
+            raise palette.PaletteError(
+                f"the pretrained iGPT checkpoint {path} has no colour clusters (no {palette.PREPROCESSOR_CONFIG} "
+                f"with 'clusters', no {palette.KMEANS_CENTERS}); its colour ids mean the colours it was trained "
+                "on, so a palette fitted here would feed it other colours. Set model.igpt.palette to the "
+                f"checkpoint's clusters file (its {palette.PREPROCESSOR_CONFIG} or OpenAI's {palette.KMEANS_CENTERS}), "
+                f"or model.igpt.palette={FIT_PALETTE!r} to fit a k-means palette on the analysed images anyway"
+            )
+        return "checkpoint", found
+    if source == "trained":
+        return "trained", pathlib.Path(path) / "palette.npy"
+    return "fitted", None
+
+
+def load_palette_for(kind: str, path: pathlib.Path | None, images: np.ndarray, n_colors: int, *, seed: int,
+                     workdir: pathlib.Path) -> tuple[np.ndarray, dict]:
+    """The palette `palette_source` named, loaded (or fitted on `images` and saved as workdir/palette.npy).
+
+    Returns:
+      (float32 [K, 3] palette in [-1, 1], the record for the results: {"kind", "path", "n_colors", "digest"}).
+    """
+    if kind == "fitted":
+        colours = palette.fit_palette(images if images.shape[-1] == 3 else np.repeat(images, 3, -1), n_colors,
+                                      seed=seed)
+        path = palette.save_palette(pathlib.Path(workdir) / "palette.npy", colours)
+    else:
+        colours = palette.load_palette(path)
+    return colours, {"kind": kind, "path": str(path), "n_colors": len(colours),
+                     "digest": palette.palette_digest(colours)}
+
+
+def check_settings(settings: Any) -> None:
+    """Refuses, before any model is loaded, a pretrained checkpoint without its colour clusters."""
+    palette_source(settings.source, settings.get("path"), settings.igpt.get("palette"))
+
+
+def make_encoder(config: IGPTConfig, params: Any, settings: Any, examples: Any, *, workdir: PathLike,
+                 batch_size: int):
+    """Extraction encoder: uint8 images [B, H, W, C] -> palette ids -> pooled states of every layer.
+
+    `settings.igpt`: stream ("paper" | "residual") and palette (see `palette_source`). A fitted palette
+    is fitted on every analysed image (`examples.inputs`) and saved in `workdir`. Batches are padded to
+    `batch_size` rows so the last, short one reuses the compiled shape.
+    """
+    from models.registry import FamilyEncoder
+
+    own = settings.igpt
+    kind, path = palette_source(settings.source, settings.get("path"), own.get("palette"))
+    images = examples.inputs
+    colours, palette_record = load_palette_for(kind, path, images, config.n_colors, seed=settings.get("seed", 0),
+                                               workdir=workdir)
+    if len(colours) != config.n_colors:
+        raise ValueError(f"palette has {len(colours)} colours but the model expects {config.n_colors}")
+    n_pixels = int(np.prod(images.shape[1:3]))
+    if n_pixels > config.n_positions:
+        raise ValueError(f"images give {n_pixels} pixels but the model has {config.n_positions} positions")
+    model = IGPT(config)
+    stream = own.get("stream", "paper")
+
+    def prepare_batch(batch_images: np.ndarray) -> dict:
+        batch_images = np.asarray(batch_images)
+        if batch_images.shape[-1] == 1:
+            batch_images = np.repeat(batch_images, 3, axis=-1)
+        tokens = add_start_token(palette.quantize(batch_images, colours), config.start_token)
+        filler = np.full((max(batch_size - len(tokens), 0),) + tokens.shape[1:], config.start_token, tokens.dtype)
+        return {"tokens": np.concatenate([tokens, filler]), "rows": len(tokens)}
+
+    def pooled_states(batch: dict) -> np.ndarray:
+        return np.asarray(pooled_hidden_states(model, params, batch["tokens"], stream=stream))[:, : batch["rows"]]
+
+    description = {"family": "igpt", "source": settings.source, "path": str(settings.get("path")), "stream": stream,
+                   "config": config.to_dict(),
+                   "palette": {key: value for key, value in palette_record.items() if key != "path"},
+                   "locations": {"palette": palette_record["path"]}}
+    return FamilyEncoder(config.n_layer, prepare_batch, pooled_states, description)
+
+
+# Training: next-pixel prediction on quantized images.
+TRAINING_DATA = "images"
+LOSS_NAME = "next-pixel cross-entropy (nats)"
+
+
+def training_config(model_settings: Any, data: Any) -> IGPTConfig:
+    """The config of a model trained here: a training config's `model` block; colours and length from the data."""
+    return IGPTConfig(
+        vocab_size=data.info["n_colors"] + 1, n_positions=data.seq_len, n_embd=model_settings.embed_dim,
+        n_layer=model_settings.num_layers, n_head=model_settings.num_heads, ffn_dim=model_settings.get("ffn_dim"),
+        dtype=model_settings.get("dtype", "float32"),
+    )
+
+
+def token_losses(config: IGPTConfig, train_settings: Any) -> Callable:
+    """(params, pixels [B, T], key) -> (next-pixel cross-entropy [B, T], weights: all ones)."""
+    import optax
+
+    del train_settings
+    model = IGPT(config)
+
+    def losses(params, pixels, key):
+        del key
+        logits = model.apply({"params": params}, add_start_token(pixels, config.start_token))["logits"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), pixels)
+        return ce, jnp.ones_like(ce)
+
+    return losses

@@ -191,7 +191,7 @@ def test_layers_are_named_for_capture_intermediates(minilm, batch):
 
 def test_config_from_checkpoint(minilm_dir):
     cfg = bert.config_from_hf(checkpoints.read_hf_config(minilm_dir))
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (6, 384, 12, 1536)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.ffn_dim) == (6, 384, 12, 1536)
     assert cfg.layer_norm_eps == 1e-12 and cfg.max_position_embeddings == 512
     with pytest.raises(ValueError, match="gelu_new"):
         bert.config_from_hf({**checkpoints.read_hf_config(minilm_dir), "hidden_act": "gelu_new"})

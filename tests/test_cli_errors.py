@@ -98,7 +98,7 @@ def test_path_errors_are_two_lines(tmp_path):
                   "--config=configs/nope.py", "shipped configs")
     _assert_short(run_launch("--config=configs/esm2.py:tiny", f"--workdir={tmp_path}", "--config.model.source=hf",
                              "--config.data.path=" + str(tmp_path)),
-                  "config.model.path is empty", "--config.model.path=")
+                  "config.model.path is unset", "--config.model.path=")
     _assert_short(run_launch("--config=configs/esm2.py:tiny", f"--workdir={tmp_path}", "--config.model.source=hf",
                              f"--config.model.path={tmp_path}", f"--config.data.path={tmp_path}"),
                   "has no config.json")

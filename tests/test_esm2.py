@@ -510,8 +510,8 @@ def test_missing_inv_freq_uses_formula_and_says_so(tiny_checkpoint, tmp_path, ca
 
 def test_orbax_roundtrip(tiny_checkpoint, tmp_path):
     config, params, _ = tiny_checkpoint
-    esm2.save_converted(tmp_path / "orbax", config, params)
-    config2, params2 = esm2.restore_converted(tmp_path / "orbax")
+    esm2.save(tmp_path / "orbax", config, params)
+    config2, params2 = esm2.restore(tmp_path / "orbax")
     assert config2 == config and config2.rotary_inv_freq == config.rotary_inv_freq
     tokens = BATCHES["masked"]
     a = esm2.pooled_hidden_states(esm2.ESM2(config), params, tokens)

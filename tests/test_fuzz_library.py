@@ -258,10 +258,10 @@ CASES["arguments"] = [
 ESM_CONFIG = esm2.get_config("tiny")
 ESM_PARAMS = esm2.init_params(ESM_CONFIG)
 ESM = esm2.ESM2(ESM_CONFIG)
-IGPT_CONFIG = igpt.igpt_config("tiny", vocab_size=17, n_positions=16)
+IGPT_CONFIG = igpt.get_config("tiny", vocab_size=17, n_positions=16)
 IGPT_PARAMS = igpt.init_params(IGPT_CONFIG)
 IGPT = igpt.IGPT(IGPT_CONFIG)
-BERT_CONFIG = bert.BertConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+BERT_CONFIG = bert.BertConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, ffn_dim=32,
                               max_position_embeddings=16)
 BERT = bert.Bert(BERT_CONFIG)
 BERT_PARAMS = BERT.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))["params"]
@@ -271,7 +271,7 @@ ONES = np.ones((2, 6), np.int32)
 MODEL_ENTRIES: dict[str, tuple[Callable, int]] = {
     "esm2.pooled_hidden_states": (lambda t: esm2.pooled_hidden_states(ESM, ESM_PARAMS, t), 33),
     "esm2.ESM2.apply": (lambda t: ESM.apply({"params": ESM_PARAMS}, t)["hidden_states"][-1], 33),
-    "igpt.pooled_representations": (lambda t: igpt.pooled_representations(IGPT, IGPT_PARAMS, t), 17),
+    "igpt.pooled_hidden_states": (lambda t: igpt.pooled_hidden_states(IGPT, IGPT_PARAMS, t), 17),
     "igpt.IGPT.apply": (lambda t: IGPT.apply({"params": IGPT_PARAMS}, t)["hidden_states"][-1], 17),
     "igpt.add_start_token": (lambda t: igpt.add_start_token(t, IGPT_CONFIG.start_token), 16),
     "bert.pooled_hidden_states": (lambda t: bert.pooled_hidden_states(BERT, BERT_PARAMS, t, ONES), 50),

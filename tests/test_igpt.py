@@ -165,7 +165,7 @@ def test_small_config_forward_shapes(shared_data):
     """imagegpt-small end to end through jax.eval_shape: L+1 = 25 states of [B, 1024, 512]."""
     hf_json = json.loads((shared_data / "configs/transcribed_from_hf_pages/imagegpt-small/config.json").read_text())
     config = igpt.config_from_hf(hf_json)
-    assert config == igpt.igpt_config("s")  # the published size table agrees with the HF config
+    assert config == igpt.get_config("s")  # the published size table agrees with the HF config
     model = igpt.IGPT(config)
     tokens = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
     out = jax.eval_shape(lambda p, t: model.apply({"params": p}, t), igpt.param_shapes(config), tokens)
@@ -223,7 +223,7 @@ def _original_forward(params: dict, config: igpt.IGPTConfig, pixels: np.ndarray)
 
 
 def test_start_token_matches_original_model():
-    config = igpt.igpt_config("tiny", vocab_size=17, n_positions=16)
+    config = igpt.get_config("tiny", vocab_size=17, n_positions=16)
     params = _randomized_params(config)
     pixels = _rng_pixels(config, batch=2, seed=1)
     tokens = igpt.add_start_token(pixels, config.start_token)
@@ -246,7 +246,7 @@ def test_start_token_matches_original_model():
 def test_autoregressive_head_trains():
     """A few Adam steps on one batch lower the next-pixel loss (the head and its gradients work)."""
     optax = pytest.importorskip("optax")
-    config = igpt.igpt_config("tiny", vocab_size=9, n_positions=16)
+    config = igpt.get_config("tiny", vocab_size=9, n_positions=16)
     model = igpt.IGPT(config)
     params = igpt.init_params(config, 0)
     pixels = jnp.asarray(np.tile(np.arange(8), (4, 2)))  # a learnable ramp pattern
@@ -274,35 +274,35 @@ def test_autoregressive_head_trains():
 # Representations, checkpoints, configs
 
 
-def test_pooled_representations_streams():
-    config = igpt.igpt_config("tiny", vocab_size=17, n_positions=16)
+def test_pooled_hidden_states_streams():
+    config = igpt.get_config("tiny", vocab_size=17, n_positions=16)
     model = igpt.IGPT(config)
     params = _randomized_params(config)
     tokens = igpt.add_start_token(_rng_pixels(config, batch=4), config.start_token)
     out = _apply(config, params, tokens)
     for stream, key in (("paper", "representations"), ("residual", "hidden_states")):
-        pooled = igpt.pooled_representations(model, params, tokens, stream=stream)
+        pooled = igpt.pooled_hidden_states(model, params, tokens, stream=stream)
         assert pooled.shape == (config.n_layer + 1, 4, config.n_embd) and pooled.dtype == jnp.float32
         expected = np.stack([np.asarray(h).mean(axis=1) for h in out[key]])
         np.testing.assert_allclose(np.asarray(pooled), expected, atol=1e-6)
-    paper = igpt.pooled_representations(model, {"params": params}, tokens)  # full variables dict too
-    residual = igpt.pooled_representations(model, params, tokens, stream="residual")
+    paper = igpt.pooled_hidden_states(model, {"params": params}, tokens)  # full variables dict too
+    residual = igpt.pooled_hidden_states(model, params, tokens, stream="residual")
     np.testing.assert_allclose(np.asarray(paper[-1]), np.asarray(residual[-1]), atol=1e-6)  # both end in ln_f
     assert not np.allclose(np.asarray(paper[0]), np.asarray(residual[0]))
     with pytest.raises(ValueError, match="stream"):
-        igpt.pooled_representations(model, params, tokens, stream="cls")
+        igpt.pooled_hidden_states(model, params, tokens, stream="cls")
 
 
 def test_orbax_roundtrip(tmp_path):
-    config = igpt.igpt_config("tiny", vocab_size=17, n_positions=16)
+    config = igpt.get_config("tiny", vocab_size=17, n_positions=16)
     params = _randomized_params(config)
     igpt.save(tmp_path / "ckpt", config, params)
     config2, params2 = igpt.restore(tmp_path / "ckpt")
     assert config2 == config
     chex.assert_trees_all_equal(params, params2)
     tokens = igpt.add_start_token(_rng_pixels(config, batch=2), config.start_token)
-    a = igpt.pooled_representations(igpt.IGPT(config), params, tokens)
-    b = igpt.pooled_representations(igpt.IGPT(config2), params2, tokens)
+    a = igpt.pooled_hidden_states(igpt.IGPT(config), params, tokens)
+    b = igpt.pooled_hidden_states(igpt.IGPT(config2), params2, tokens)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     checkpoints.save_orbax(tmp_path / "other", params, {"model": "esm2"})
@@ -311,10 +311,10 @@ def test_orbax_roundtrip(tmp_path):
 
 
 def test_config_validation():
-    assert igpt.igpt_config("large") == igpt.IGPTConfig(n_layer=48, n_embd=1536, n_head=16)
-    assert igpt.igpt_config("m").n_embd == 1024
+    assert igpt.get_config("large") == igpt.IGPTConfig(n_layer=48, n_embd=1536, n_head=16)
+    assert igpt.get_config("m").n_embd == 1024
     with pytest.raises(ValueError, match="unknown iGPT size"):
-        igpt.igpt_config("xl")
+        igpt.get_config("xl")
     with pytest.raises(ValueError, match="divisible"):
         igpt.IGPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="activation"):
@@ -324,6 +324,6 @@ def test_config_validation():
     config = igpt.config_from_hf({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4})
     assert (config.n_embd, config.n_layer, config.n_head) == (64, 2, 4)
     assert dataclasses.asdict(config)["vocab_size"] == 513
-    model = igpt.IGPT(igpt.igpt_config("tiny", n_positions=8))
+    model = igpt.IGPT(igpt.get_config("tiny", n_positions=8))
     with pytest.raises(ValueError, match="n_positions"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 9), jnp.int32))

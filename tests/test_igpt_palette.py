@@ -31,14 +31,14 @@ def hf_dir(tmp_path_factory):
     return directory, clusters
 
 
-def hf_config(path, **model):
+def hf_config(path, **igpt_settings):
     config = base.analysis_config()
     config.name = "igpt-hf"
     config.model.family = "igpt"
     config.model.source = "hf"
     config.model.path = str(path)
-    for key, value in model.items():
-        config.model[key] = value
+    for key, value in igpt_settings.items():
+        config.model.igpt[key] = value
     config.data.name = "digits"
     config.data.max_examples = N_IMAGES
     config.extract.batch_size = 32
@@ -72,8 +72,9 @@ def test_hf_directory_is_extracted_with_its_own_clusters(hf_dir, tmp_path, monke
 
     monkeypatch.setattr(palette, "quantize", spy)
     extract.run(config, tmp_path)
-    used, tokens = seen
-    np.testing.assert_array_equal(used, clusters)
+    for used in seen[0::2]:  # one call per batch, always with the checkpoint's clusters
+        np.testing.assert_array_equal(used, clusters)
+    tokens = np.concatenate(seen[1::2])
 
     digits = load_digits()
     keep = extract._select(len(digits.images), digits.labels, config.data)
@@ -84,7 +85,7 @@ def test_hf_directory_is_extracted_with_its_own_clusters(hf_dir, tmp_path, monke
 
     # The stored representations are the model's on exactly those colour ids.
     model_config, params = igpt.load_hf(directory)
-    direct = igpt.pooled_representations(igpt.IGPT(model_config), params,
+    direct = igpt.pooled_hidden_states(igpt.IGPT(model_config), params,
                                          igpt.add_start_token(expected[:8], model_config.start_token))
     reps = store.load(store.store_dir(tmp_path))
     np.testing.assert_allclose(np.stack([layer[:8] for layer in reps.layers]), direct, rtol=1e-5, atol=1e-6)
@@ -105,7 +106,8 @@ def test_pretrained_checkpoint_without_clusters_is_refused(hf_dir, tmp_path):
     with pytest.raises(palette.PaletteError, match="no colour clusters") as err:
         extract.run(hf_config(bare), tmp_path / "run")
     message = str(err.value)
-    assert "model.palette" in message and "kmeans_centers.npy" in message and "model.palette='fit'" in message
+    assert "model.igpt.palette" in message and "kmeans_centers.npy" in message
+    assert "model.igpt.palette='fit'" in message
     assert not store.store_dir(tmp_path / "run").exists()  # refused before anything was extracted
 
     # Asked for explicitly, a fitted palette is used (and kept beside the results).
@@ -120,22 +122,19 @@ def test_palette_source_rule(tmp_path):
     clusters = np.random.default_rng(1).uniform(-1, 1, (N_COLORS, 3)).astype(np.float32)
     (tmp_path / "openai").mkdir()
     np.save(tmp_path / "openai" / palette.KMEANS_CENTERS, clusters)
-    cfg = hf_config(tmp_path / "openai").model
-    assert extract.palette_source(cfg) == ("checkpoint", tmp_path / "openai" / palette.KMEANS_CENTERS)
-    cfg.palette = str(tmp_path / "openai")
-    assert extract.palette_source(cfg) == ("file", tmp_path / "openai" / palette.KMEANS_CENTERS)
-    cfg.palette = "fit"
-    assert extract.palette_source(cfg) == ("fitted", None)
+    openai = str(tmp_path / "openai")
+    assert igpt.palette_source("hf", openai, None) == ("checkpoint", tmp_path / "openai" / palette.KMEANS_CENTERS)
+    assert igpt.palette_source("hf", openai, openai) == ("file", tmp_path / "openai" / palette.KMEANS_CENTERS)
+    assert igpt.palette_source("hf", openai, "fit") == ("fitted", None)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / palette.PREPROCESSOR_CONFIG).write_text("{}")  # a preprocessor config without clusters
-    cfg = hf_config(tmp_path / "empty").model
     with pytest.raises(palette.PaletteError, match="no colour clusters"):
-        extract.palette_source(cfg)
-    cfg.source, cfg.path = "trained", str(tmp_path / "train")  # a model trained here keeps its saved palette
-    assert extract.palette_source(cfg) == ("trained", tmp_path / "train" / "palette.npy")
-    cfg.source = "random"
-    assert extract.palette_source(cfg) == ("fitted", None)
-    colours, record = extract.load_palette_for("file", tmp_path / "openai" / palette.KMEANS_CENTERS, None, N_COLORS,
-                                               seed=0, workdir=tmp_path)
+        igpt.palette_source("hf", str(tmp_path / "empty"), None)
+    # A model trained here keeps its saved palette.
+    trained = igpt.palette_source("trained", str(tmp_path / "train"), None)
+    assert trained == ("trained", tmp_path / "train" / "palette.npy")
+    assert igpt.palette_source("random", None, None) == ("fitted", None)
+    colours, record = igpt.load_palette_for("file", tmp_path / "openai" / palette.KMEANS_CENTERS, None, N_COLORS,
+                                            seed=0, workdir=tmp_path)
     np.testing.assert_array_equal(colours, clusters)
     assert record["n_colors"] == N_COLORS and record["digest"] == palette.palette_digest(clusters)

@@ -87,8 +87,8 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
     keep = extract._select(len(images), load_digits().labels, config.data)
     colours = palette.load_palette(workdir / "palette.npy")
     tokens = igpt.add_start_token(palette.quantize(np.repeat(images[keep[:5]], 3, -1), colours), 16)
-    model_cfg = igpt.igpt_config("tiny", vocab_size=17, n_positions=64)
-    direct = igpt.pooled_representations(igpt.IGPT(model_cfg), igpt.init_params(model_cfg, 0), tokens)
+    model_cfg = igpt.get_config("tiny", vocab_size=17, n_positions=64)
+    direct = igpt.pooled_hidden_states(igpt.IGPT(model_cfg), igpt.init_params(model_cfg, 0), tokens)
     np.testing.assert_allclose(np.stack([layer[:5] for layer in reps.layers]), direct, rtol=1e-5, atol=1e-6)
 
 
@@ -220,9 +220,9 @@ def test_long_sequences_as_windows_average_weighted_by_residues():
     seqs = ("".join(rng.choice(alphabet, 80)), "".join(rng.choice(alphabet, 20)))
     examples = extract.Examples(("long", "short"), seqs, None, None, None, {})
     cfg = base.analysis_config().model
-    cfg.size, cfg.long_policy = "tiny", "windows"
-    cfg.max_residues = 32
-    encoder = extract.esm2_encoder(cfg, examples, batch_size=2)
+    cfg.size, cfg.esm2.long_policy = "tiny", "windows"
+    cfg.esm2.max_residues = 32
+    encoder = extract.build_encoder(cfg, examples, 2, None)
     got = encoder.embed([0, 1])
     model_cfg = esm2.get_config("tiny")
     model, params = esm2.ESM2(model_cfg), esm2.init_params(model_cfg, seed=0)

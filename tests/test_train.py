@@ -17,7 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import train_esm2_tiny, train_igpt_tiny
-from experiments import train
+from experiments import train, train_data
+from models import esm2
 from models import protein_tokenizer as ptok
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_esm2_loss_decreases_and_resumes_bit_identically_after_sigkill(shared_da
 
     child = textwrap.dedent(f"""
         import os, signal, pathlib, ml_collections
-        from experiments import train
+        from experiments import train, train_data
         config = ml_collections.ConfigDict({config.to_dict()!r})
         def kill(step):
             if step == {KILL_AT}:
@@ -150,22 +151,22 @@ def test_igpt_loss_decreases_and_resumes_bit_identically_after_crash(tmp_path):
     for workdir in (full, crashed):
         assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [0, 10, 40, 80]
     _, initial, _ = train.load_trained(full, step=0)
-    _assert_trees_identical(initial, train.init_params(train.model_config(config, train.load_data(config, full)[0]),
-                                                       config.seed))
+    data = train_data.load_data("images", config.data, full)[0]
+    _assert_trees_identical(initial, train.init_params(train.make_model_config(config, data), config.seed))
 
 
 def test_batch_iterator_position_is_the_whole_state(shared_data):
     """A fresh iterator built from a saved position yields exactly the batches the old one would."""
     c = _esm_config(shared_data)
-    data, _ = train.load_protein_data(c.data)
-    it = train.BatchIterator(data, 64, seed=3, max_residues=30)
+    data, _ = train_data.load_protein_data(c.data)
+    it = train_data.BatchIterator(data, 64, seed=3, max_residues=30)
     for _ in range(it.steps_per_epoch - 2):  # stop just before an epoch boundary
         next(it)
-    clone = train.BatchIterator.from_state(data, json.loads(json.dumps(it.state())), max_residues=30)
+    clone = train_data.BatchIterator.from_state(data, json.loads(json.dumps(it.state())), max_residues=30)
     for _ in range(5):  # across the boundary into a new permutation
         np.testing.assert_array_equal(next(it), next(clone))
     assert it.state() == clone.state() and it.state()["epoch"] == 1
-    pos = train.BatchIterator.position_after(it.steps_per_epoch + 3, it.steps_per_epoch)
+    pos = train_data.BatchIterator.position_after(it.steps_per_epoch + 3, it.steps_per_epoch)
     assert pos == {"epoch": 1, "index": 3} == {k: it.state()[k] for k in pos}
 
 
@@ -178,7 +179,7 @@ def test_masking_statistics():
     tokens = np.full((b, t), ptok.PAD_ID, np.int32)
     for i, n in enumerate(lengths):
         tokens[i, 0], tokens[i, 1 : n + 1], tokens[i, n + 1] = ptok.CLS_ID, rng.integers(4, 24, size=n), ptok.EOS_ID
-    inputs, selected = jax.jit(train.mask_tokens)(jax.random.key(0), jnp.asarray(tokens))
+    inputs, selected = jax.jit(esm2.mask_tokens)(jax.random.key(0), jnp.asarray(tokens))
     inputs, selected = np.asarray(inputs), np.asarray(selected)
 
     special = np.isin(tokens, [ptok.CLS_ID, ptok.EOS_ID, ptok.PAD_ID])
@@ -217,9 +218,9 @@ def test_resume_refuses_another_model_and_warns_on_changed_training(tmp_path, ca
 
 
 def test_schedule_warmup_and_cosine():
-    tc = _igpt_config().train
-    tc.warmup_steps, tc.learning_rate, tc.end_lr_fraction = 10, 1e-3, 0.1
-    sched = train.make_schedule(tc)
+    train_settings = _igpt_config().train
+    train_settings.warmup_steps, train_settings.learning_rate, train_settings.end_lr_fraction = 10, 1e-3, 0.1
+    sched = train.make_schedule(train_settings)
     assert float(sched(0)) == 0.0
     assert float(sched(10)) == pytest.approx(1e-3)
     assert float(sched(100)) == pytest.approx(1e-4)
@@ -234,7 +235,7 @@ def test_scope_domains_join_the_corpus_split_by_family(shared_data):
     config.data.fasta = str(shared_data / "protein" / "UP000000625_83333.fasta")
     config.data.scope_fasta = str(shared_data / "protein" / "astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa")
     config.data.max_sequences = 400
-    data, split = train.load_data(config)
+    data, split = train_data.load_protein_data(config.data)
     scope = protein_datasets.read_scope_astral(config.data.scope_fasta)
     family_of = dict(zip(scope.ids, (scope.label_names["family"][f] for f in scope.labels["family"]), strict=True))
     held_families = set(split["scope_holdout_family_names"])
@@ -244,7 +245,7 @@ def test_scope_domains_join_the_corpus_split_by_family(shared_data):
     train_scope = [sid for sid in split["train_ids"] if sid in family_of]
     assert train_scope and not held_families & {family_of[sid] for sid in train_scope}
     sequence_of = dict(zip(scope.ids, scope.sequences, strict=True))
-    proteome = {h.split()[0]: s.upper() for h, s in train.read_fasta(config.data.fasta)}
+    proteome = {h.split()[0]: s.upper() for h, s in train_data.read_fasta(config.data.fasta)}
     train_proteins = [proteome[i] for i in split["train_ids"] if i in proteome]
     assert not any(sequence_of[sid] in protein for sid in held for protein in train_proteins[:150])
     assert data.info["proteins_dropped_containing_holdout"] == 400 - 20 - len(train_proteins)
