@@ -259,6 +259,14 @@ def _model_problems(config) -> list[str]:
 
 
 def _data_problems(data) -> list[str]:
+    if data.get("source"):  # the researcher's own loader: importable now, called when the job starts
+        from experiments import datasets
+
+        try:
+            datasets.resolve_source(data.source)
+        except datasets.DataSourceError as err:
+            return [str(err)]
+        return []
     if data.name in ("scope", "uniprot", "scope_text", "arrays"):
         if not data.path:
             return [f"config.data.path is empty: data.name={data.name!r} reads a file; pass --config.data.path=..."]

@@ -79,6 +79,17 @@ def anything(v: Any) -> str | None:
     return None
 
 
+def data_source(v: Any) -> str | None:
+    """None, or "package.module:function" (imported when the job starts)."""
+    if v is None:
+        return None
+    module, sep, function = v.partition(":") if isinstance(v, str) else ("", "", "")
+    names = module.split(".") + function.split(".")
+    if sep and all(name.isidentifier() for name in names):
+        return None
+    return "must be 'package.module:function' (a function data_config -> experiments.datasets.Examples) or None"
+
+
 EXPERIMENT_NAMES = ("extract", "profile", "probe", "train", "full", "synthetic")
 DATASETS = ("scope", "uniprot", "digits", "mnist", "cifar10", "imagenet32", "scope_text", "arrays")
 
@@ -103,15 +114,16 @@ ANALYSIS: dict[str, Check] = {
     "model.normalize": boolean,
     "model.seed": integer(0),
     "data.name": choice(*DATASETS),
-    "data.path": text,
-    "data.root": text,
-    "data.split": text,
-    "data.size": integer(0),
+    "data.source": data_source,
+    "data.path": optional_text,
+    "data.root": optional_text,
+    "data.split": optional_text,
+    "data.size": integer(1, optional=True),
     "data.rgb": boolean,
     "data.label": choice("class", "fold", "superfamily", "family"),
-    "data.min_class_size": integer(0),
-    "data.per_class": integer(0),
-    "data.max_examples": integer(0),
+    "data.min_class_size": integer(1, optional=True),
+    "data.per_class": integer(1, optional=True),
+    "data.max_examples": integer(1, optional=True),
     "data.seed": integer(0),
     "data.text": choice("description", "description+organism"),
     "extract.batch_size": integer(1),
