@@ -90,7 +90,7 @@ def data_source(v: Any) -> str | None:
     return "must be 'package.module:function' (a function data_config -> experiments.datasets.Examples) or None"
 
 
-EXPERIMENT_NAMES = ("extract", "profile", "probe", "train", "full", "synthetic")
+EXPERIMENT_NAMES = ("extract", "profile", "probe", "probe_study", "train", "full", "synthetic")
 DATASETS = ("scope", "uniprot", "digits", "mnist", "cifar10", "imagenet32", "scope_text", "arrays")
 
 # The analysis config (configs/base.py) and the profile options of `idjax.profile`.
@@ -152,6 +152,10 @@ ANALYSIS: dict[str, Check] = {
     "probe.knn_k": integer(1),
     "probe.remote_homology": boolean,
     "probe.seed": integer(0),
+    "study.classes": lambda v: None if isinstance(v, str) and v and set(v) <= set("abcdefg") else (
+        "must be SCOP class letters from 'abcdefg', e.g. 'abcd'"),
+    "study.min_superfamily_members": integer(2),
+    "study.untrained": boolean,
 }
 
 # configs/train_*.py
