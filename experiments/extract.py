@@ -81,7 +81,7 @@ def esm2_encoder(cfg: ml_collections.ConfigDict, examples: Examples, batch_size:
     elif source == "random":
         overrides = cfg.overrides.to_dict() if hasattr(cfg.get("overrides"), "to_dict") \
             else dict(cfg.get("overrides") or {})
-        config = esm2.get_config(cfg.size, **overrides)  # overrides: e.g. a trained model's architecture
+        config = esm2.get_config(cfg.size).replace(**overrides)  # overrides: e.g. a trained model's architecture
         params = esm2.init_params(config, seed=cfg.get("seed", 0))
     else:
         raise ValueError(f"unknown ESM-2 source {source!r}: hf, fair_esm, orbax, trained, random")

@@ -123,12 +123,13 @@ def test_esm2_study_on_scope(shared_data, tmp_path):
     assert config.model.family == "esm2"
     config.data.path = str(tmp_path / "small.fa")
     config.study.min_superfamily_members = 5
+    config.study.classes = "abc"
     config.probe.steps = 30
     config.probe.knn_k = 3
     result = study.run(config, tmp_path / "study")
 
     classes = [sccs[0] for _, _, sccs, _ in chosen]
-    assert result["n_class_domains"] == sum(c in "abcd" for c in classes)
+    assert result["n_class_domains"] == sum(c in "abc" for c in classes)
     assert result["class_counts"] == [classes.count(c) for c in "abc"]
     superfamily = [".".join(s.split(".")[:3]) for _, _, s, _ in chosen]
     family = [".".join(s.split(".")[:4]) for _, _, s, _ in chosen]
