@@ -1,6 +1,8 @@
 """What each layer knows: per-layer linear probes, kNN-classifier accuracy and label overlap.
 
-All entry points take pooled representations `reps` float [L+1, N, D] (one row per layer, as
+`probe_layers` runs every probe of one labelled point set; the pipeline's probe step
+(`experiments/profile.py`) and the probe study (`experiments/probe_study.py`) both call it.
+All functions take pooled representations `reps` float [L+1, N, D] (one row per layer, as
 `models.esm2.pooled_hidden_states` / `models.igpt.pooled_representations` return them) and labels
 [N], and return one score per layer (numpy [L+1]).
 

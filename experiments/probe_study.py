@@ -297,7 +297,9 @@ def plot_probes(result: dict, path: pathlib.Path) -> pathlib.Path:
 
     plt = report.plt
     fig, ax = plt.subplots(figsize=(report.WIDTH * 1.5, report.HEIGHT * 1.3))
-    for name, ys in study_curves(result).items():
+    curves = study_curves(result)
+    ax.set_xticks(range(max(len(ys) for ys in curves.values())))  # whole layers only
+    for name, ys in curves.items():
         if len(ys) == 1:  # a baseline with one "layer": a horizontal line
             ax.axhline(ys[0], ls="--", lw=1, color="gray", label=name)
         else:
