@@ -15,5 +15,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base.analysis_config()
     config.name = "arrays"
     config.data.name = "arrays"
-    config.data.path = arg or ""
+    config.data.path = arg or None
     return config

@@ -24,11 +24,14 @@ def analysis_config() -> ml_collections.ConfigDict:
     # Your own model instead of a family: "package.module:callable" returning an encoder (README, "Your own
     # model"); when set, family, source, path, size and the family blocks below are not used.
     config.model.encoder = placeholder(str)
-    config.model.source = "random"  # hf | fair_esm | orbax | trained | random | minilm (the family's SOURCES)
+    # hf | fair_esm | orbax | minilm (the family's SOURCES) | random | trained | untrained (a training
+    # workdir's model as initialised)
+    config.model.source = "random"
     config.model.path = placeholder(str)  # the checkpoint (directory or file) the source reads
     config.model.size = placeholder(str)  # random init: the family's size key (esm2 "8M", igpt "s", bert "tiny")
     config.model.overrides = ml_collections.ConfigDict()  # random init: config fields, e.g. {"vocab_size": 17}
     config.model.seed = 0
+    config.model.step = placeholder(int)  # source "trained": this checkpoint step (unset: the latest good one)
     # Each family's own knobs, read only by that family.
     config.model.esm2 = ml_collections.ConfigDict()
     config.model.esm2.dtype = "float32"  # inference dtype: float32 | bfloat16 | float16
@@ -45,18 +48,22 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.model.bert.normalize = False  # L2-normalise pooled vectors
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "scope"
-    config.data.path = str(SCOPE_FASTA)
-    config.data.root = ""
-    config.data.split = ""
-    config.data.size = 0
+    placeholder = ml_collections.config_dict.placeholder  # typed "not set" (None) that an override can fill
+    config.data.name = "scope"  # a built-in dataset (experiments/datasets.py LOADERS) or "arrays"
+    # Your own data: "package.module:function", function(data_config) -> experiments.datasets.Examples;
+    # when set it replaces data.name (the selection knobs below apply to it too).
+    config.data.source = placeholder(str)
+    config.data.path = ml_collections.FieldReference(str(SCOPE_FASTA), field_type=str)  # None: not set
+    config.data.root = placeholder(str)  # images: the dataset's folder or file (digits: none)
+    config.data.split = placeholder(str)  # images: train | test | all (default: the reader's)
+    config.data.size = placeholder(int)  # images: resize to size x size
     config.data.rgb = False
-    config.data.label = "superfamily"
-    config.data.min_class_size = 0
-    config.data.per_class = 0
-    config.data.max_examples = 0
+    config.data.label = "superfamily"  # scope: class | fold | superfamily | family
+    config.data.min_class_size = placeholder(int)  # keep classes with at least this many examples
+    config.data.per_class = placeholder(int)  # at most this many examples per class (seeded choice)
+    config.data.max_examples = placeholder(int)  # at most this many examples in all (seeded choice)
     config.data.seed = 0
-    config.data.text = "description"
+    config.data.text = "description"  # scope_text: description | description+organism
 
     config.extract = ml_collections.ConfigDict()
     config.extract.batch_size = 32

@@ -17,6 +17,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.source = "minilm"
     config.data.name = "scope_text"
     config.data.path = str(base.SCOPE_FASTA)
-    config.data.per_class = 0 if arg == "full" else 300
+    config.data.per_class = None if arg == "full" else 300
     config.extract.batch_size = 64
     return config

@@ -24,7 +24,7 @@ BATCH_BYTES = 64 << 20  # rows per stored batch: about 64 MiB of float32 over al
 def extract(config: ml_collections.ConfigDict, directory: pathlib.Path, config_fingerprint: str) -> dict:
     """Writes the arrays at `config.data.path` into the store at `directory`; returns its manifest."""
     start = time.perf_counter()
-    layers, names, labels = load_layers(config.data.path)
+    layers, names, labels = load_layers(config.data.path, min_layers=1)  # one layer: a store for probes
     n = layers[0].shape[0]
     codes, label_names = _labels(labels, n)
     width = sum(a.shape[1] for a in layers)

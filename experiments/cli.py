@@ -2,7 +2,7 @@
 
 `launch.py --config=configs/X.py:arg --workdir=DIR [--config.key=value ...] [--sweep] [--print_config]`
 
-Dispatches on `config.experiment`: extract | profile | probe | train | full | synthetic. With
+Dispatches on `config.experiment`: extract | profile | probe | probe_study | train | full | synthetic. With
 `--sweep`, the config file's `get_sweep(arg)` gives a list of runs (name + flattened overrides such
 as {"model.path": ..., "profile.k_max": 32}); each runs in DIR/<name>, one after another (each
 resumable), and their profiles are then overlaid in DIR/sweep_*.pdf/png and summarised in DIR/sweep.json.
@@ -44,6 +44,7 @@ EXPERIMENTS = {
     "probe": ("experiments.profile", "run_probe_only"),
     "train": ("experiments.train", "run"),
     "full": ("experiments.full", "run"),
+    "probe_study": ("experiments.probe_study", "run"),
     "synthetic": ("experiments.synthetic", "run"),
 }
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -115,7 +116,7 @@ flags:
   --verbose             full tracebacks for errors (also IDJAX_DEBUG=1)
   --helpfull            every absl flag, including library ones
 
-config.experiment: extract | profile | probe | train | full | synthetic
+config.experiment: extract | profile | probe | probe_study | train | full | synthetic
 """
 
 
@@ -229,6 +230,14 @@ def preflight(config, workdir: pathlib.Path) -> list[str]:
     if experiment in ("profile", "probe") and not _store_complete(workdir):
         found.append(f"--workdir={workdir}: no finished representations in {workdir / 'representations'}; "
                      "run --config.experiment=extract (or full) there first")
+    if experiment == "probe_study":
+        found += _model_problems(config)
+        path = pathlib.Path(config.model.path or ".")
+        if not found and not (path / "model_config.json").is_file():
+            found.append(f"config.model.path={path} is not a training workdir (no model_config.json): the probe "
+                         "study reads a model trained with configs/train_*.py")
+        if config.model.family == "esm2":
+            found += _data_problems(config.data)
     if experiment == "train":
         data = config.data
         if data.get("fasta") and not pathlib.Path(data.fasta).exists():
@@ -273,6 +282,14 @@ def _model_problems(config) -> list[str]:
 
 
 def _data_problems(data) -> list[str]:
+    if data.get("source"):  # the researcher's own loader: importable now, called when the job starts
+        from experiments import datasets
+
+        try:
+            datasets.resolve_source(data.source)
+        except datasets.DataSourceError as err:
+            return [str(err)]
+        return []
     if data.name in ("scope", "uniprot", "scope_text", "arrays"):
         if not data.path:
             return [f"config.data.path is empty: data.name={data.name!r} reads a file; pass --config.data.path=..."]

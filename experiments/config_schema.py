@@ -92,7 +92,18 @@ def encoder_spec(v: Any) -> str | None:
     return "must be 'package.module:callable' naming a function that returns the encoder (or unset)"
 
 
-EXPERIMENT_NAMES = ("extract", "profile", "probe", "train", "full", "synthetic")
+def data_source(v: Any) -> str | None:
+    """None, or "package.module:function" (imported when the job starts)."""
+    if v is None:
+        return None
+    module, sep, function = v.partition(":") if isinstance(v, str) else ("", "", "")
+    names = module.split(".") + function.split(".")
+    if sep and all(name.isidentifier() for name in names):
+        return None
+    return "must be 'package.module:function' (a function data_config -> experiments.datasets.Examples) or None"
+
+
+EXPERIMENT_NAMES = ("extract", "profile", "probe", "probe_study", "train", "full", "synthetic")
 DATASETS = ("scope", "uniprot", "digits", "mnist", "cifar10", "imagenet32", "scope_text", "arrays")
 
 # The analysis config (configs/base.py) and the profile options of `idjax.profile`.
@@ -103,7 +114,8 @@ ANALYSIS: dict[str, Check] = {
     "training": anything,  # checked with TRAINING below when set
     "model.family": lambda v: choice(*registry.names())(v),
     "model.encoder": encoder_spec,
-    "model.source": choice("hf", "fair_esm", "orbax", "trained", "random", "minilm"),
+    "model.source": choice("hf", "fair_esm", "orbax", "trained", "untrained", "random", "minilm"),
+    "model.step": integer(0, optional=True),
     "model.path": optional_text,
     "model.size": optional_text,
     "model.overrides": anything,  # free-form model config fields, checked by the model's config class
@@ -117,15 +129,16 @@ ANALYSIS: dict[str, Check] = {
     "model.igpt.palette": optional_text,
     "model.bert.normalize": boolean,
     "data.name": choice(*DATASETS),
-    "data.path": text,
-    "data.root": text,
-    "data.split": text,
-    "data.size": integer(0),
+    "data.source": data_source,
+    "data.path": optional_text,
+    "data.root": optional_text,
+    "data.split": optional_text,
+    "data.size": integer(1, optional=True),
     "data.rgb": boolean,
     "data.label": choice("class", "fold", "superfamily", "family"),
-    "data.min_class_size": integer(0),
-    "data.per_class": integer(0),
-    "data.max_examples": integer(0),
+    "data.min_class_size": integer(1, optional=True),
+    "data.per_class": integer(1, optional=True),
+    "data.max_examples": integer(1, optional=True),
     "data.seed": integer(0),
     "data.text": choice("description", "description+organism"),
     "extract.batch_size": integer(1),
@@ -154,6 +167,10 @@ ANALYSIS: dict[str, Check] = {
     "probe.knn_k": integer(1),
     "probe.remote_homology": boolean,
     "probe.seed": integer(0),
+    "study.classes": lambda v: None if isinstance(v, str) and v and set(v) <= set("abcdefg") else (
+        "must be SCOP class letters from 'abcdefg', e.g. 'abcd'"),
+    "study.min_superfamily_members": integer(2),
+    "study.untrained": boolean,
 }
 
 # configs/train_*.py

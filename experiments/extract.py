@@ -22,25 +22,10 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from experiments import store
+from experiments import datasets, store
+from experiments.datasets import Examples, load_examples
 from idjax import files
 from models import registry
-
-
-@dataclasses.dataclass(frozen=True)
-class Examples:
-    """The dataset to analyse. inputs: sequences, images (uint8 [N,H,W,C]) or texts; labels: (N,) int
-    codes or None; groups: (N,) int codes for remote-homology exclusion (e.g. SCOPe family) or None."""
-
-    ids: tuple[str, ...]
-    inputs: Any
-    labels: np.ndarray | None
-    label_names: tuple[str, ...] | None
-    groups: np.ndarray | None
-    description: dict
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,86 +38,7 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Datasets
-
-
-def _select(n: int, labels: np.ndarray | None, cfg: ml_collections.ConfigDict) -> np.ndarray:
-    """Indices kept: classes with >= min_class_size members, at most per_class each, at most max_examples."""
-    rng = np.random.default_rng(cfg.get("seed", 0))
-    keep = np.arange(n)
-    if labels is not None and cfg.get("min_class_size"):
-        counts = np.bincount(labels)
-        keep = keep[counts[labels[keep]] >= cfg.min_class_size]
-        if len(keep) == 0:
-            raise ValueError(f"no class has data.min_class_size={cfg.min_class_size} members (the largest has "
-                             f"{counts.max()}): lower --config.data.min_class_size or use a larger dataset")
-    if labels is not None and cfg.get("per_class"):
-        chosen = []
-        for c in np.unique(labels[keep]):
-            members = keep[labels[keep] == c]
-            chosen.append(rng.permutation(members)[: cfg.per_class])
-        keep = np.sort(np.concatenate(chosen))
-    if cfg.get("max_examples") and len(keep) > cfg.max_examples:
-        keep = np.sort(rng.choice(keep, cfg.max_examples, replace=False))
-    return keep
-
-
-def _recode(labels: np.ndarray | None, names: Sequence[str] | None):
-    """Compact label codes 0..C-1 after subsetting (names follow)."""
-    if labels is None:
-        return None, None
-    present, codes = np.unique(labels, return_inverse=True)
-    return codes.astype(np.int64), tuple(names[i] for i in present) if names is not None else None
-
-
-def _opt(value: Any) -> Any:
-    """Data fields use "" / 0 for "not set" (ConfigDict fields keep one type); map them to None."""
-    return None if value in ("", 0, None) else value
-
-
-def load_examples(cfg: ml_collections.ConfigDict) -> Examples:
-    """Reads the configured dataset from local files.
-
-    cfg.name: "scope" (SCOPe ASTRAL FASTA; cfg.label = class|fold|superfamily|family), "uniprot"
-    (unlabelled FASTA), "digits" | "mnist" | "cifar10" | "imagenet32" (images), "scope_text" (SCOPe
-    header descriptions labelled by class, for text models). Selection knobs: min_class_size,
-    per_class, max_examples, seed.
-    """
-    name = cfg.name
-    if name in ("scope", "uniprot"):
-        from experiments import protein_datasets
-
-        if name == "scope":
-            ds = protein_datasets.read_scope_astral(cfg.path)
-            level = cfg.get("label", "superfamily")
-            labels, names = ds.labels[level], ds.label_names[level]
-            groups = ds.labels["family"]
-        else:
-            ds = protein_datasets.read_uniprot_fasta(cfg.path)
-            labels, names, groups = None, None, None
-        keep = _select(len(ds), labels, cfg)
-        labels, names = _recode(None if labels is None else labels[keep], names)
-        return Examples(tuple(ds.ids[i] for i in keep), tuple(ds.sequences[i] for i in keep), labels, names,
-                        None if groups is None else groups[keep], {"dataset": name, "path": str(cfg.path),
-                                                                   "n": len(keep)})
-    if name in ("digits", "mnist", "cifar10", "imagenet32"):
-        from experiments import image_datasets
-
-        ds = image_datasets.load_image_dataset(name, _opt(cfg.get("root")), _opt(cfg.get("split")),
-                                               size=_opt(cfg.get("size")), rgb=cfg.get("rgb", False))
-        keep = _select(len(ds), ds.labels, cfg)
-        labels, names = _recode(ds.labels[keep], ds.class_names)
-        return Examples(tuple(f"{name}:{i}" for i in keep), ds.images[keep], labels, names, None,
-                        {"dataset": name, "root": str(cfg.get("root")), "size": cfg.get("size"), "n": len(keep)})
-    if name == "scope_text":
-        from experiments import text_datasets
-
-        ds = text_datasets.scope_text_dataset(cfg.path, text=cfg.get("text", "description"))
-        keep = _select(len(ds.texts), ds.labels.astype(np.int64), cfg)
-        labels, names = _recode(ds.labels[keep].astype(np.int64), ds.label_names)
-        return Examples(tuple(ds.ids[i] for i in keep), tuple(ds.texts[i] for i in keep), labels, names, None,
-                        {"dataset": name, "path": str(cfg.path), "n": len(keep)})
-    raise ValueError(f"unknown dataset {name!r}: scope, uniprot, digits, mnist, cifar10, imagenet32, scope_text")
+# Datasets: experiments/datasets.py (the built-in loaders, `data.source`, selection)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,6 +66,7 @@ def family_model(model_settings: ml_collections.ConfigDict, examples: Examples, 
     overrides = model_settings.get("overrides")
     config, params = registry.load(name, model_settings.source, model_settings.get("path"),
                                    size=model_settings.get("size"), seed=model_settings.get("seed", 0),
+                                   step=model_settings.get("step"),
                                    overrides=overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
     return family.make_encoder(config, params, model_settings, examples, workdir=workdir, batch_size=batch_size)
 
@@ -261,8 +168,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     directory = store.store_dir(workdir)
-    # What is extracted, from the config alone (cheap: no model is loaded to decide whether to skip).
-    requested = store.fingerprint({key: config[key].to_dict() for key in ("model", "data")})
+    # What is extracted: the config and the data the loader returns (its description and a digest of
+    # its ids and labels), so changed data re-extracts; no model is loaded to decide whether to skip.
+    arrays = config.data.name == "arrays" and not config.data.get("source")
+    examples = None if arrays else load_examples(config.data)
+    requested = store.fingerprint({**{key: config[key].to_dict() for key in ("model", "data")},
+                                   **({} if arrays else {"examples": datasets.identity(examples)})})
     if store.is_complete(directory):
         manifest = store.read_manifest(directory)
         if manifest["metadata"].get("config_fingerprint") != requested:
@@ -272,13 +183,10 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             )
         logging.info("representations already complete in %s; skipping extraction", directory)
         return manifest
-    if config.data.name == "arrays":  # the user's own per-layer arrays: no model
+    if arrays:  # the user's own per-layer arrays: no model
         from experiments import array_data
 
         return array_data.extract(config, directory, requested)
-    examples = load_examples(config.data)
-    if len(examples) < 3:
-        raise ValueError(f"the dataset selection left {len(examples)} examples; need at least 3")
     encoder = build_encoder(config.model, examples, config.extract.batch_size, workdir)
     description = {"model": encoder.description, "data": examples.description, "ids_head": list(examples.ids[:5]),
                    "config_fingerprint": requested}

@@ -1,6 +1,8 @@
 """What each layer knows: per-layer linear probes, kNN-classifier accuracy and label overlap.
 
-All entry points take pooled representations `reps` float [L+1, N, D] (one row per layer, as
+`probe_layers` runs every probe of one labelled point set; the pipeline's probe step
+(`experiments/profile.py`) and the probe study (`experiments/probe_study.py`) both call it.
+All functions take pooled representations `reps` float [L+1, N, D] (one row per layer, as
 `models.esm2.pooled_hidden_states` / `models.igpt.pooled_hidden_states` return them) and labels
 [N], and return one score per layer (numpy [L+1]).
 
@@ -16,10 +18,7 @@ own group cannot be predicted; `remote_homology_subset` selects the points for w
 from __future__ import annotations
 
 import functools
-import pathlib
-import time
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,6 @@ import optax
 
 import idjax
 from idjax import validation
-from idjax.files import atomic_write_json
 
 # ---------------------------------------------------------------------------------------------------
 # Splits and preprocessing
@@ -450,253 +448,48 @@ def remote_homology_subset(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Probing trained models (workdirs written by experiments/train.py)
+# The one entry point
 
 
-def esm2_representations(
-    model: Any, params: Any, sequences: Sequence[str], *, max_residues: int, batch_size: int = 64,
-    pooling: str = "mean",
-) -> np.ndarray:
-    """Pooled ESM-2 hidden states of protein sequences: float32 [L+1, N, D], rows in input order.
+def probe_layers(
+    reps: Reps,
+    labels: np.ndarray,
+    *,
+    groups: np.ndarray | None = None,
+    split: tuple[np.ndarray, np.ndarray] | None = None,
+    linear: bool = True,
+    knn_k: int | None = 10,
+    overlap_k: int | None = None,
+    steps: int = 300,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+) -> dict[str, np.ndarray]:
+    """Every per-layer probe of one labelled point set: the pipeline's probe step and the probe study both
+    call this.
 
-    Sequences longer than `max_residues` keep their first `max_residues` residues (for a model
-    trained on crops of that length, longer inputs would reach rotary offsets it never saw).
-    Batches are length-bucketed (padding to a multiple of 16 bounds the number of compilations).
+    Args:
+      reps: float [L+1, N, D], or L+1 (N, D) layers (e.g. `LayerRows` over a store's memory-mapped files).
+      labels: [N] class labels.
+      groups: [N] groups (e.g. SCOPe families): the kNN probe and the overlap never count a neighbour from
+        the query's own group (remote homology).
+      split: (train_idx, test_idx); both probes are fitted on the training points and scored on the test
+        points. None: the linear probe uses a seeded stratified split (`test_fraction`, `seed`) and the
+        kNN probe is leave-one-out over all points.
+      linear: compute the linear probe ("linear_probe"; `steps` Adam steps).
+      knn_k: neighbours of the kNN probe ("knn_accuracy"); None skips it.
+      overlap_k: neighbours of the label overlap over all N points ("label_overlap"); None skips it.
+
+    Returns:
+      {name: float64 [L+1]} for the probes asked for.
     """
-    from models import esm2
-    from models import protein_tokenizer as ptok
-
-    toks = [ptok.tokenize(s, seq_id=str(i), unknown="X", long_policy="crop", max_residues=max_residues)
-            for i, s in enumerate(sequences)]
-    out = None
-    for batch in ptok.length_bucketed_batches(toks, batch_size=batch_size, pad_to_multiple=16):
-        pooled = np.asarray(esm2.pooled_hidden_states(model, params, batch.tokens, pooling=pooling))
-        if out is None:
-            out = np.zeros((pooled.shape[0], len(sequences), pooled.shape[-1]), np.float32)
-        out[:, batch.source] = pooled
+    train_idx, test_idx = (None, None) if split is None else split
+    out = {}
+    if linear:
+        out["linear_probe"] = linear_probe_accuracy(reps, labels, train_idx=train_idx, test_idx=test_idx,
+                                                    steps=steps, seed=seed, test_fraction=test_fraction)
+    if knn_k is not None:
+        out["knn_accuracy"] = knn_accuracy(reps, labels, k=knn_k, groups=groups, seed=seed, train_idx=train_idx,
+                                           test_idx=test_idx, test_fraction=None if split is None else test_fraction)
+    if overlap_k is not None:
+        out["label_overlap"] = label_overlap_per_layer(reps, labels, overlap_k, groups)
     return out
-
-
-def igpt_representations(model: Any, params: Any, pixels: np.ndarray, *, batch_size: int = 128,
-                         stream: str = "paper") -> np.ndarray:
-    """Pooled iGPT representations of quantized images int [N, T]: float32 [L+1, N, D] (start token
-    prepended; the last batch is padded with copies and trimmed)."""
-    from models import igpt
-
-    n = len(pixels)
-    chunks = []
-    for start in range(0, n, batch_size):
-        rows = pixels[start : start + batch_size]
-        pad = batch_size - len(rows)
-        if pad:  # one shape, one compilation
-            rows = np.concatenate([rows, np.repeat(rows[:1], pad, axis=0)])
-        tokens = igpt.add_start_token(np.asarray(rows, np.int32), model.config.start_token)
-        pooled = np.asarray(igpt.pooled_hidden_states(model, params, tokens, stream=stream))
-        chunks.append(pooled[:, : batch_size - pad])
-    return np.concatenate(chunks, axis=1)
-
-
-def aa_composition(sequences: Sequence[str]) -> np.ndarray:
-    """Amino-acid composition baseline: float32 [N, 20], fractions of the 20 standard residues."""
-    letters = "ACDEFGHIKLMNPQRSTVWY"
-    table = np.full(256, -1, np.int64)
-    table[np.frombuffer(letters.encode(), np.uint8)] = np.arange(20)
-    out = np.zeros((len(sequences), 20), np.float32)
-    for i, s in enumerate(sequences):
-        codes = table[np.frombuffer(s.upper().encode(), np.uint8)]
-        codes = codes[codes >= 0]
-        out[i] = np.bincount(codes, minlength=20) / max(len(codes), 1)
-    return out
-
-
-def _all_scores(reps: np.ndarray, labels: np.ndarray, *, k: int, train_idx=None, test_idx=None,
-                probe_steps: int = 300, seed: int = 0) -> dict[str, list[float]]:
-    lin = linear_probe_accuracy(reps, labels, train_idx=train_idx, test_idx=test_idx, steps=probe_steps, seed=seed)
-    knn = knn_accuracy(reps, labels, k=k, train_idx=train_idx, test_idx=test_idx, seed=seed)
-    overlap = label_overlap_per_layer(reps, labels, k)
-    return {"linear_probe": lin.tolist(), "knn_accuracy": knn.tolist(), "label_overlap": overlap.tolist()}
-
-
-def probe_esm2_on_scope(
-    workdir: pathlib.Path | str, scope_fasta: pathlib.Path | str, *, classes: str = "abcd",
-    min_superfamily_members: int = 20, k: int = 10, max_residues: int | None = None,
-    probe_steps: int = 300, seed: int = 0, baseline_untrained: bool = True,
-) -> dict:
-    """Per-layer probes of a trained ESM-2 workdir on SCOPe (ASTRAL 40%) domains.
-
-    Tasks (each a list over layers 0..L):
-      class: SCOPe classes `classes` (default a-d, the four main ones), every such domain; linear
-        probe and kNN accuracy on a seeded stratified 75/25 split, plus label overlap.
-      superfamily_remote: superfamilies with >= 2 families and >= `min_superfamily_members` domains;
-        leave-one-out kNN accuracy and superfamily overlap with SAME-FAMILY NEIGHBOURS EXCLUDED, and,
-        for contrast, the same without exclusion.
-    Baselines: amino-acid composition (20 features) and, if `baseline_untrained`, the same
-    architecture at its random initialisation (train seed).
-    """
-    from experiments import protein_datasets, train
-
-    t0 = time.perf_counter()
-    model, params, config = train.load_trained(workdir)
-    max_residues = max_residues or int(config.data.max_residues)
-    ds = protein_datasets.read_scope_astral(scope_fasta)
-    names = ds.label_names["class"]
-    wanted = [names.index(c) for c in classes]
-    cls_idx = np.flatnonzero(np.isin(ds.labels["class"], wanted))
-    sf_all, fam_all = ds.labels["superfamily"], ds.labels["family"]
-    rh_idx = remote_homology_subset(sf_all, fam_all, min_groups=2, min_members=min_superfamily_members)
-    needed = np.union1d(cls_idx, rh_idx)
-    seqs = [ds.sequences[i] for i in needed]
-    pos = {int(j): i for i, j in enumerate(needed)}
-    cls_rows, rh_rows = np.array([pos[i] for i in cls_idx]), np.array([pos[i] for i in rh_idx])
-
-    def evaluate_reps(reps: np.ndarray) -> dict:
-        cls_labels = ds.labels["class"][cls_idx]
-        tr, te = split_indices(cls_labels, test_fraction=0.25, seed=seed)
-        out = {"class": _all_scores(reps[:, cls_rows], cls_labels, k=k, train_idx=tr, test_idx=te,
-                                    probe_steps=probe_steps, seed=seed)}
-        rh = reps[:, rh_rows]
-        sf, fam = sf_all[rh_idx], fam_all[rh_idx]
-        out["superfamily_remote"] = {
-            "knn_accuracy_family_excluded": knn_accuracy(rh, sf, k=k, groups=fam, test_fraction=None).tolist(),
-            "overlap_family_excluded": label_overlap_per_layer(rh, sf, k, fam).tolist(),
-            "knn_accuracy_all_neighbours": knn_accuracy(rh, sf, k=k, test_fraction=None).tolist(),
-            "overlap_all_neighbours": label_overlap_per_layer(rh, sf, k).tolist(),
-        }
-        return out
-
-    t_extract = time.perf_counter()
-    reps = esm2_representations(model, params, seqs, max_residues=max_residues)
-    extract_s = time.perf_counter() - t_extract
-    result = {
-        "workdir": str(workdir), "scope_fasta": str(scope_fasta), "classes": classes, "k": k,
-        "max_residues": max_residues, "n_class_domains": int(len(cls_idx)),
-        "class_counts": np.bincount(ds.labels["class"][cls_idx], minlength=len(names))[wanted].tolist(),
-        "n_remote_domains": int(len(rh_idx)), "n_superfamilies": int(np.unique(sf_all[rh_idx]).size),
-        "n_families": int(np.unique(fam_all[rh_idx]).size), "trained": evaluate_reps(reps),
-        "extract_s": extract_s,
-    }
-    comp = aa_composition(seqs)[None]
-    result["aa_composition"] = evaluate_reps(comp)
-    if baseline_untrained:
-        from experiments.train import init_params
-
-        init = init_params(model.config, int(config.seed))
-        result["untrained"] = evaluate_reps(esm2_representations(model, init, seqs, max_residues=max_residues))
-    result["wall_time_s"] = time.perf_counter() - t0
-    return result
-
-
-def probe_igpt_on_heldout(workdir: pathlib.Path | str, *, k: int = 10, probe_steps: int = 300,
-                          seed: int = 0, baseline_untrained: bool = True, stream: str = "paper") -> dict:
-    """Per-layer probes of a trained iGPT workdir: fit on the training-split images, score on the
-    held-out split the model never trained on (linear probe and kNN), label overlap on the held-out
-    split. Baselines: raw palette ids as features ("pixels") and the untrained model."""
-    from experiments import train, train_data
-    from models import palette as palette_lib
-
-    t0 = time.perf_counter()
-    model, params, config = train.load_trained(workdir)
-    pal = palette_lib.load_palette(pathlib.Path(workdir) / "palette.npy")
-    train_ds, val_ds = train_data.load_image_splits(config.data)
-    pixels = np.concatenate([palette_lib.quantize(train_ds.images, pal), palette_lib.quantize(val_ds.images, pal)])
-    labels = np.concatenate([train_ds.labels, val_ds.labels])
-    tr = np.arange(len(train_ds))
-    te = np.arange(len(train_ds), len(labels))
-
-    def evaluate_reps(reps: np.ndarray) -> dict:
-        scores = _all_scores(reps, labels, k=k, train_idx=tr, test_idx=te, probe_steps=probe_steps, seed=seed)
-        scores["label_overlap"] = label_overlap_per_layer(reps[:, te], labels[te], k).tolist()
-        return scores
-
-    t_extract = time.perf_counter()
-    reps = igpt_representations(model, params, pixels, stream=stream)
-    result = {"workdir": str(workdir), "dataset": config.data.name, "stream": stream, "k": k,
-              "n_train": int(len(tr)), "n_test": int(len(te)), "trained": evaluate_reps(reps),
-              "extract_s": time.perf_counter() - t_extract}
-    gray = palette_lib.dequantize(pixels, pal, shape=tuple(train_ds.images.shape[1:3]))[..., 0]
-    result["pixels"] = evaluate_reps(gray.reshape(len(labels), -1).astype(np.float32)[None])
-    if baseline_untrained:
-        from experiments.train import init_params
-
-        init = init_params(model.config, int(config.seed))
-        result["untrained"] = evaluate_reps(igpt_representations(model, init, pixels, stream=stream))
-    result["wall_time_s"] = time.perf_counter() - t0
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """`python -m experiments.probe --workdir DIR [--scope FASTA]`: probes every layer of a trained
-    model (ESM-2: on SCOPe; iGPT: on its held-out images) and writes DIR/probe_results.json."""
-    import argparse
-    import json
-
-    from experiments import train
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--workdir", required=True, type=pathlib.Path)
-    parser.add_argument("--scope", type=pathlib.Path, help="SCOPe ASTRAL FASTA (ESM-2 only)")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--classes", default="abcd")
-    parser.add_argument("--min-superfamily-members", type=int, default=20)
-    parser.add_argument("--probe-steps", type=int, default=300)
-    args = parser.parse_args(argv)
-    family = train.load_config(args.workdir).model.family
-    if family == "esm2":
-        if args.scope is None:
-            parser.error("--scope is required for an ESM-2 workdir")
-        result = probe_esm2_on_scope(args.workdir, args.scope, classes=args.classes, k=args.k,
-                                     min_superfamily_members=args.min_superfamily_members,
-                                     probe_steps=args.probe_steps)
-    else:
-        result = probe_igpt_on_heldout(args.workdir, k=args.k, probe_steps=args.probe_steps)
-    out = args.workdir / "probe_results.json"
-    atomic_write_json(out, result, checksum=True)
-    if family == "esm2":
-        t, rh = result["trained"], result["trained"]["superfamily_remote"]
-        curves = {
-            "class: linear probe": t["class"]["linear_probe"], "class: kNN": t["class"]["knn_accuracy"],
-            "superfamily kNN, family excluded": rh["knn_accuracy_family_excluded"],
-            "superfamily kNN, all neighbours": rh["knn_accuracy_all_neighbours"],
-            "class: linear probe, untrained": result.get("untrained", {}).get("class", {}).get("linear_probe", []),
-            "class: linear probe, AA composition": result["aa_composition"]["class"]["linear_probe"],
-        }
-    else:
-        t = result["trained"]
-        curves = {"linear probe": t["linear_probe"], "kNN": t["knn_accuracy"],
-                  "linear probe, untrained": result.get("untrained", {}).get("linear_probe", []),
-                  "linear probe, pixels": result["pixels"]["linear_probe"]}
-    plot_layer_scores({k: v for k, v in curves.items() if len(v)}, args.workdir / "probe_layers.png",
-                      title=f"{args.workdir.name}: per-layer probes (k={args.k})")
-    print(json.dumps({k: v for k, v in result.items() if k in ("trained", "wall_time_s")}, indent=1))
-    return result
-
-
-def plot_layer_scores(curves: dict[str, Sequence[float]], out: pathlib.Path | str, *, title: str = "",
-                      ylabel: str = "accuracy") -> pathlib.Path:
-    """One line per named per-layer score list (x = layer 0..L) -> PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, ys in curves.items():
-        ys = list(ys)
-        if len(ys) == 1:  # a baseline with one "layer": a horizontal line
-            ax.axhline(ys[0], ls="--", lw=1, color="gray", label=name)
-        else:
-            ax.plot(range(len(ys)), ys, "o-", ms=3, label=name)
-    ax.set_xlabel("layer (0 = embeddings)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = pathlib.Path(out)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
-if __name__ == "__main__":
-    main()

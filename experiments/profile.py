@@ -318,6 +318,9 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     Returns:
       (summary dict for results.json, arrays dict for profile.npz).
     """
+    if len(reps.layers) < 2:
+        raise ValueError(f"the representations hold {len(reps.layers)} layer; a layer profile needs at least 2 "
+                         "(a one-layer store can be probed: --config.experiment=probe)")
     keep, dup_per_layer = _common_keep(reps.layers, cfg.duplicates)
     check_id_estimator(cfg, len(keep))
     labels = None if reps.labels is None else np.asarray(reps.labels)[keep]
@@ -408,8 +411,9 @@ def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collection
     if cfg.linear:
         linear = cached(cache_dir / "probes_linear.npz",
                         {"result": "linear_probe", **identity, **_options(cfg, PROBE_LINEAR_OPTIONS)},
-                        lambda: {"accuracy": probe.linear_probe_accuracy(
-                            layers, labels, steps=cfg.steps, seed=cfg.seed, test_fraction=cfg.test_fraction)})
+                        lambda: {"accuracy": probe.probe_layers(
+                            layers, labels, knn_k=None, steps=cfg.steps, seed=cfg.seed,
+                            test_fraction=cfg.test_fraction)["linear_probe"]})
         out["linear_probe_accuracy"] = linear["accuracy"].tolist()
 
     def neighbour_probes() -> dict:
@@ -422,8 +426,11 @@ def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collection
                                  "remote-homology probing needs more (lower data.min_class_size or add data)")
             rows, y, g = rows.take_rows(subset), y[subset], g[subset]
             result["remote_homology_points"] = len(subset)
-            result["remote_homology_label_overlap"] = probe.label_overlap_per_layer(rows, y, overlap_k, g)
-        result["knn_accuracy"] = probe.knn_accuracy(rows, y, k=cfg.knn_k, groups=g, test_fraction=None)
+        scores = probe.probe_layers(rows, y, groups=g, linear=False, knn_k=cfg.knn_k,
+                                    overlap_k=None if g is None else overlap_k)
+        result["knn_accuracy"] = scores["knn_accuracy"]
+        if g is not None:
+            result["remote_homology_label_overlap"] = scores["label_overlap"]
         return result
 
     key = {"result": "neighbour_probes", **identity, **_options(cfg, PROBE_NEIGHBOUR_OPTIONS),

@@ -529,6 +529,17 @@ def load_trained(workdir: pathlib.Path | str, step: int | None = None) -> tuple[
     return build_model(model_config), state["params"], config
 
 
+def load_untrained(workdir: pathlib.Path | str) -> tuple[Any, Any, ml_collections.ConfigDict]:
+    """A training workdir's model as its run initialised it (step 0): (flax module, params, run config).
+
+    Needs no checkpoint: the initialisation is a pure function of the model config and the run's seed.
+    """
+    workdir = pathlib.Path(workdir)
+    config = load_config(workdir)
+    model_config = registry.config_from_json(json.loads((workdir / "model_config.json").read_text()))
+    return build_model(model_config), init_params(model_config, int(config.seed)), config
+
+
 def plot_metrics(
     workdir: pathlib.Path | str, out: pathlib.Path | str | None = None, title: str | None = None
 ) -> pathlib.Path:

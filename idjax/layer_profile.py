@@ -94,8 +94,10 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     return out
 
 
-def load_layers(layers: LayersLike) -> tuple[list[np.ndarray], list[str], np.ndarray | None]:
+def load_layers(layers: LayersLike, *, min_layers: int = 2) -> tuple[list[np.ndarray], list[str], np.ndarray | None]:
     """Per-layer (N, D) arrays from any accepted input, their names, and labels found beside them.
+
+    min_layers: fewer layers are refused (a profile needs 2; a store for probes alone may hold 1).
 
     layers: a list/tuple of (N, D) arrays (input embedding first), a dict name -> array (in its order),
       an (L, N, D) array, a directory of per-layer `.npy` files (natural order: layer_2 before
@@ -132,7 +134,7 @@ def load_layers(layers: LayersLike) -> tuple[list[np.ndarray], list[str], np.nda
         named = {str(i): a for i, a in enumerate(stacked)}
     arrays = [_to_numpy(v, k) for k, v in named.items()]
     names = list(named)
-    if len(arrays) < 2:
+    if len(arrays) < min_layers:
         raise ValueError(f"got {len(arrays)} layer(s); a layer profile needs at least 2")
     for name, a in zip(names, arrays, strict=True):
         if a.ndim != 2:

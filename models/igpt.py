@@ -452,7 +452,8 @@ def palette_source(source: str, path: PathLike | None, chosen: str | None) -> tu
     one: ("file", it). `chosen == "fit"`: ("fitted", None), k-means on the analysed images. Unset: a HF
     checkpoint (source "hf") uses its own clusters ("checkpoint") and is refused without them, since its
     colour ids mean the colours it was trained on, which a palette fitted here does not reproduce; a
-    model trained here uses the palette saved with it ("trained"); a random init gets a fitted one.
+    model trained here (sources "trained", "untrained") uses the palette saved with it ("trained"); a random
+    init gets a fitted one.
     """
     if chosen == FIT_PALETTE:
         return "fitted", None
@@ -472,7 +473,7 @@ def palette_source(source: str, path: PathLike | None, chosen: str | None) -> tu
                 f"or model.igpt.palette={FIT_PALETTE!r} to fit a k-means palette on the analysed images anyway"
             )
         return "checkpoint", found
-    if source == "trained":
+    if source in ("trained", "untrained"):  # a model of a training workdir: the palette it trained with
         return "trained", pathlib.Path(path) / "palette.npy"
     return "fitted", None
 

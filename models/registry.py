@@ -4,8 +4,8 @@ A family is a module in `models/` with these names (the pipeline calls nothing e
 
   Config                  frozen dataclass of hyper-parameters, `to_dict()` / `Config.from_dict(d)`
   Model                   the Flax module: `Model(config)`
-  SOURCES                 checkpoint kinds `load` reads (besides "random" and "trained", which every
-                          family gets from here: `get_config` + `init_params`, and `train.load_trained`)
+  SOURCES                 checkpoint kinds `load` reads (besides "random", "trained" and "untrained", which
+                          every family gets from here: `get_config` + `init_params`, `train.load_trained`)
   get_config(size, **overrides) -> Config
   init_params(config, seed) -> params        float32, the inner tree (no {"params": ...} wrapper)
   param_shapes(config) -> tree of ShapeDtypeStruct, without allocating
@@ -45,7 +45,7 @@ FAMILIES: dict[str, str] = {
     "bert": "models.bert",
 }
 
-GENERIC_SOURCES = ("random", "trained")
+GENERIC_SOURCES = ("random", "trained", "untrained")
 ENCODER_MEMBERS = ("num_layers", "prepare_batch", "pooled_states")
 
 
@@ -128,12 +128,13 @@ def config_from_json(record: dict) -> Any:
 
 
 def load(name: str, source: str, path: str | None, *, size: str | None = None, overrides: dict | None = None,
-         seed: int = 0) -> tuple[Any, Any]:
+         seed: int = 0, step: int | None = None) -> tuple[Any, Any]:
     """(config, params) of family `name` from `source`.
 
-    "random": `get_config(size, **overrides)` initialised with `seed`; "trained": the latest good
-    checkpoint of a training workdir (`experiments.train.load_trained`, which must hold this family);
-    any other source is the family's own `load` (its `SOURCES`).
+    "random": `get_config(size, **overrides)` initialised with `seed`; "trained": checkpoint `step` (None:
+    the latest good one) of a training workdir (`experiments.train.load_trained`, which must hold this
+    family); "untrained": that workdir's model as its training run initialised it (step 0, the control for
+    what training changed); any other source is the family's own `load` (its `SOURCES`).
     """
     module = family(name)
     if source == "random":
@@ -141,10 +142,10 @@ def load(name: str, source: str, path: str | None, *, size: str | None = None, o
             raise ValueError(f"model.source='random' needs model.size (a {name} size key) to build the model")
         config = module.get_config(size, **dict(overrides or {}))
         return config, module.init_params(config, seed)
-    if source == "trained":
+    if source in ("trained", "untrained"):
         from experiments import train
 
-        model, params, _ = train.load_trained(path)
+        model, params, _ = train.load_trained(path, step=step) if source == "trained" else train.load_untrained(path)
         if family_of(model.config) != name:
             raise ValueError(f"{path} holds a trained {family_of(model.config)} model, not {name}: set "
                              f"model.family={family_of(model.config)!r}")

@@ -142,7 +142,7 @@ def test_missing_checkpoint_files_and_empty_selection(tmp_path, shared_data):
     fasta.write_text(">d1a a.1.1.1 (A:) x\nMKTAYIAKQRQISF\n>d1b a.1.1.1 (B:) y\nMSLLTEVETPIRNEW\n"
                      ">d1c b.1.1.1 (C:) z\nMKKLLPTAAAGLLL\n")
     common = ["--config=configs/esm2.py:8M", f"--config.model.path={checkpoint}", f"--config.data.path={fasta}"]
-    for extra, needles in ((["--config.data.min_class_size=0"], ["neither model.safetensors", str(checkpoint)]),
+    for extra, needles in ((["--config.data.min_class_size=1"], ["neither model.safetensors", str(checkpoint)]),
                            ([], ["data.min_class_size=20", "lower --config.data.min_class_size"])):
         out = run_launch(*common, f"--workdir={tmp_path / 'wd'}", *extra)
         last = out.stderr.strip().splitlines()[-2:]

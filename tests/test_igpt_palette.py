@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from experiments import extract, profile, store
+from experiments import datasets, extract, profile, store
 from experiments.image_datasets import load_digits
 from models import igpt, palette
 
@@ -77,7 +77,7 @@ def test_hf_directory_is_extracted_with_its_own_clusters(hf_dir, tmp_path, monke
     tokens = np.concatenate(seen[1::2])
 
     digits = load_digits()
-    keep = extract._select(len(digits.images), digits.labels, config.data)
+    keep = datasets.select_indices(len(digits.images), digits.labels, config.data)
     expected = nearest_cluster_ids(digits.images[keep], clusters)
     assert len(np.unique(expected)) > 3  # the images use several colours, so the comparison means something
     np.testing.assert_array_equal(tokens, expected)

@@ -7,7 +7,7 @@ import pytest
 
 import idjax
 from configs import base
-from experiments import extract, profile, store
+from experiments import datasets, extract, profile, store
 from experiments.synthetic import manifold
 from idjax import files
 from idjax.selection import select_layer
@@ -84,7 +84,7 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
     from models import igpt, palette
 
     images = load_digits().images
-    keep = extract._select(len(images), load_digits().labels, config.data)
+    keep = datasets.select_indices(len(images), load_digits().labels, config.data)
     colours = palette.load_palette(workdir / "palette.npy")
     tokens = igpt.add_start_token(palette.quantize(np.repeat(images[keep[:5]], 3, -1), colours), 16)
     model_cfg = igpt.get_config("tiny", vocab_size=17, n_positions=64)
@@ -218,7 +218,7 @@ def test_long_sequences_as_windows_average_weighted_by_residues():
     rng = np.random.default_rng(0)
     alphabet = np.array(list("LAGVSERTIDPKQNFYMHWC"))
     seqs = ("".join(rng.choice(alphabet, 80)), "".join(rng.choice(alphabet, 20)))
-    examples = extract.Examples(("long", "short"), seqs, None, None, None, {})
+    examples = extract.Examples(seqs, ids=("long", "short"))
     cfg = base.analysis_config().model
     cfg.size, cfg.esm2.long_policy = "tiny", "windows"
     cfg.esm2.max_residues = 32
