@@ -48,7 +48,6 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.model.bert.normalize = False  # L2-normalise pooled vectors
 
     config.data = ml_collections.ConfigDict()
-    placeholder = ml_collections.config_dict.placeholder  # typed "not set" (None) that an override can fill
     config.data.name = "scope"  # a built-in dataset (experiments/datasets.py LOADERS) or "arrays"
     # Your own data: "package.module:function", function(data_config) -> experiments.datasets.Examples;
     # when set it replaces data.name (the selection knobs below apply to it too).
@@ -83,7 +82,7 @@ def analysis_config() -> ml_collections.ConfigDict:
     # gride | gride_plateau.
     config.profile.id_estimator = "gride"
     # n2 of GRIDE(n2 / 2, n2); unset: the largest computed rank up to 64 (GRIDE(32, 64) when k_max allows)
-    config.profile.gride_rank = ml_collections.config_dict.placeholder(int)
+    config.profile.gride_rank = placeholder(int)
     config.profile.label_ks = (1, 10, 30)
     config.profile.overlap_k = 30
     config.profile.duplicates = "drop"  # drop | error
