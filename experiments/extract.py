@@ -19,8 +19,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from experiments import store
-from idjax import files
+from experiments import files, store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,7 +350,7 @@ def build_encoder(model_cfg: ml_collections.ConfigDict, examples: Examples, batc
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Extracts pooled representations of every layer into `workdir/representations` (resumable).
 
-    Holds the workdir's lock (`idjax.files.workdir_lock`): a second job on the same workdir is refused.
+    Holds the workdir's lock (`experiments.files.workdir_lock`): a second job on the same workdir is refused.
     """
     with files.workdir_lock(workdir, "extract"):
         return _run(config, pathlib.Path(workdir))

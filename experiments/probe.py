@@ -27,8 +27,8 @@ import numpy as np
 import optax
 
 import idjax
+from experiments.files import atomic_write_json
 from idjax import validation
-from idjax.files import atomic_write_json
 
 # ---------------------------------------------------------------------------------------------------
 # Splits and preprocessing

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 import idjax
 from experiments import report, store
-from idjax.files import CorruptFileError, atomic_save_npz, atomic_write_json, load_npz, workdir_lock
+from experiments.files import CorruptFileError, atomic_save_npz, atomic_write_json, load_npz, workdir_lock
 from idjax.selection import select_layer
 
 
@@ -463,7 +463,7 @@ def _run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Profiles the representations in `workdir` and writes results.json, profile.npz and figures.
 
-    Holds the workdir's lock (`idjax.files.workdir_lock`): a second job on the same workdir is refused.
+    Holds the workdir's lock (`experiments.files.workdir_lock`): a second job on the same workdir is refused.
     """
     with workdir_lock(workdir, "profile", process_index=jax.process_index()):
         return _run(config, pathlib.Path(workdir))

@@ -321,7 +321,7 @@ def write_report_md(directory: pathlib.Path, results: dict, figures: Sequence[pa
     """report.md beside the figures: the summary table, the figures, provenance and the config."""
     import json
 
-    from idjax.files import atomic_write_text
+    from experiments.files import atomic_write_text
 
     directory = pathlib.Path(directory)
     lines = [f"# {results.get('name', 'profile')}", ""]

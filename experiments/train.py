@@ -19,7 +19,7 @@ as is a half-written last line, so `metrics.jsonl` and `train_result.json` read 
 Damaged checkpoints: each checkpoint's "data" item records a SHA-256 of the state it was saved with.
 A latest checkpoint that cannot be read or does not match it is named in a warning, moved to
 `checkpoints_damaged/<step>`, and the run resumes from the newest good one. Only one process trains in
-a workdir at a time (`idjax.files.workdir_lock`); a second one exits naming the first.
+a workdir at a time (`experiments.files.workdir_lock`); a second one exits naming the first.
 
 Workdir layout:
   config.json        the ConfigDict (written atomically at the start; checked on resume)
@@ -53,7 +53,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from experiments import tensorboard
-from idjax.files import CorruptFileError, atomic_write_json, atomic_write_text, workdir_lock
+from experiments.files import CorruptFileError, atomic_write_json, atomic_write_text, workdir_lock
 from models import esm2, igpt
 from models import palette as palette_lib
 from models import protein_tokenizer as ptok

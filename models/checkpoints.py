@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from idjax.files import atomic_write_json
+from experiments.files import atomic_write_json
 
 PathLike = str | os.PathLike
 

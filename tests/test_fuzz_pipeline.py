@@ -30,8 +30,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import base, train_igpt_tiny
-from experiments import extract, profile, store, train
-from idjax import files
+from experiments import extract, files, profile, store, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N, BATCH, DIMS, WIDTH = 90, 30, (3, 6, 4), 64  # 3 batches; 3 layers of intrinsic dimension 3, 6, 4
@@ -269,7 +268,7 @@ def test_sigkill_at_each_stage_then_rerun_equals_an_uninterrupted_run(where, ref
             profile.layer_metrics = layer_metrics
         """,
     }[where]
-    _child(f"import os, signal, pathlib\nfrom experiments import profile\nfrom idjax import files\n"
+    _child(f"import os, signal, pathlib\nfrom experiments import files, profile\n"
            f"{textwrap.dedent(patch)}\nt.run_pipeline(pathlib.Path({str(workdir)!r}))\n")
     run_pipeline(workdir)
     assert_same_as_reference(workdir, reference)
@@ -351,8 +350,9 @@ def test_full_disk_on_a_real_small_filesystem(reference, tmp_path):
 
 
 def _hold_lock(workdir: pathlib.Path) -> subprocess.Popen:
-    code = (f"import pathlib, time\nfrom idjax import files\nwith files.workdir_lock(pathlib.Path({str(workdir)!r}), "
-            "'train'):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    code = (f"import pathlib, time\nfrom experiments import files\n"
+            f"with files.workdir_lock(pathlib.Path({str(workdir)!r}), 'train'):\n"
+            "    print('held', flush=True)\n    time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
