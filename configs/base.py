@@ -1,14 +1,8 @@
 """Defaults shared by every analysis config: extraction, profile, selection and probes."""
 
-import os
-import pathlib
-
 import ml_collections
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("IDJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
-SCOPE_FASTA = SHARED_DATA / "protein" / "astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa"
-ECOLI_FASTA = SHARED_DATA / "protein" / "UP000000625_83333.fasta"
+from configs import common
 
 
 def analysis_config() -> ml_collections.ConfigDict:
@@ -37,7 +31,7 @@ def analysis_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "scope"
-    config.data.path = str(SCOPE_FASTA)
+    config.data.path = str(common.SCOPE_FASTA)
     config.data.root = ""
     config.data.split = ""
     config.data.size = 0

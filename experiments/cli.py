@@ -199,9 +199,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _shared_data() -> pathlib.Path:
-    from configs import base
+    from configs import common
 
-    return base.SHARED_DATA
+    return common.SHARED_DATA
 
 
 def _missing_file_message(path: str | pathlib.Path, key: str) -> str:
