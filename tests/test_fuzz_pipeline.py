@@ -388,8 +388,8 @@ def test_the_lock_is_reentrant_within_a_process_and_released_after(tmp_path):
 
 @pytest.mark.slow
 def test_a_renamed_or_relatively_named_workdir_resumes(tmp_path, monkeypatch):
-    """iGPT with a palette fitted into the workdir: the plan used to record the palette's path, so a moved
-    workdir (or a relative --workdir) was refused as "a partial extraction of something else"."""
+    """iGPT with a palette fitted into the workdir: the plan records the palette's content, not its path, so
+    a moved workdir (or a relative --workdir) resumes instead of being refused as another extraction."""
     monkeypatch.undo()  # the real model
     from tests.test_pipeline import counting_encoder, tiny_igpt_config
 
@@ -552,7 +552,7 @@ def test_every_checkpoint_damaged_is_an_error_naming_the_directory(tmp_path):
 
 @pytest.mark.slow
 def test_two_trainers_on_one_workdir_then_sigkill_during_an_async_checkpoint(train_reference, tmp_path):
-    """A second trainer exits naming the first (both used to fail on Orbax's commit files). The first is
+    """A second trainer exits naming the first (without the lock both would fail on Orbax's commit files). The first is
     then SIGKILLed right after handing the step-8 checkpoint to Orbax's background writer; whether or not
     that save committed, the rerun equals an uninterrupted run."""
     workdir = tmp_path / "run"
