@@ -344,10 +344,6 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(norm, eps)
 
 
-def _unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    return params["params"] if set(params) == {"params"} else params
-
-
 @functools.lru_cache(maxsize=64)
 def _pooled_fn(config: BertConfig, normalize: bool):
     model = Bert(config)
@@ -386,7 +382,8 @@ def pooled_hidden_states(
     check_token_ids(input_ids, model.config.vocab_size, name="input_ids")
     check_token_ids(attention_mask, 2, name="attention_mask values", what="(0 or 1) size")
     fn = _pooled_fn(model.config, bool(normalize))
-    return fn(_unwrap(params), jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
+    return fn(checkpoints.unwrap_params(params), jnp.asarray(input_ids, jnp.int32),
+              jnp.asarray(attention_mask, jnp.int32))
 
 
 def sentence_embedding(

@@ -30,6 +30,14 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
 
 
+def unwrap_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The params tree, given either that tree or Flax's variables dict {"params": tree, ...}.
+
+    Every family accepts both forms; no family has a submodule named "params", so the key is unambiguous.
+    """
+    return params["params"] if "params" in params else params
+
+
 class HFConfig(dict):
     """A parsed config.json: a plain dict that also remembers which file it came from (for messages)."""
 

@@ -403,10 +403,6 @@ def cast_params(params: Any, dtype: str | Any) -> Any:
     )
 
 
-def _unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    return params["params"] if set(params) == {"params"} else params
-
-
 def residue_mask(tokens: jax.Array, config: ESM2Config) -> jax.Array:
     """bool [B, T]: true at residue positions (<mask> included), false at <cls>, <eos>, padding."""
     return (tokens != config.cls_id) & (tokens != config.eos_id) & (tokens != config.pad_id)
@@ -444,7 +440,7 @@ def pooled_hidden_states(
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
     check_token_ids(tokens, model.config.vocab_size, name="tokens")
-    return _pooled_fn(model.config, pooling)(_unwrap(params), jnp.asarray(tokens, jnp.int32))
+    return _pooled_fn(model.config, pooling)(checkpoints.unwrap_params(params), jnp.asarray(tokens, jnp.int32))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +576,7 @@ def to_hf_state_dict(config: ESM2Config, params: Mapping[str, Any]) -> dict[str,
     """
     flat = {
         tuple(getattr(k, "key", str(k)) for k in path): np.asarray(leaf, dtype=np.float32)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(_unwrap(params))[0]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(checkpoints.unwrap_params(params))[0]
     }
     state = {}
     for flax_path, (key, transform) in conversion_rules(config, "hf").items():

@@ -300,11 +300,6 @@ def autoregressive_loss(logits: jax.Array, pixels: jax.Array) -> jax.Array:
 # Params: init, HF conversion, Orbax
 
 
-def _as_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Accepts the params tree or the full variables dict {'params': tree} (no module is named 'params')."""
-    return params["params"] if "params" in params else params
-
-
 def init_params(config: IGPTConfig, seed: int = 0) -> dict:
     """Random float32 GPT-2-style params (the inner `params` dict), the model's own initializers."""
     return _init_fn(dataclasses.replace(config, dtype="float32"))(jax.random.key(seed))
@@ -372,7 +367,7 @@ def load_hf(path: PathLike, *, dtype: Any = np.float32) -> tuple[IGPTConfig, dic
 def save(path: PathLike, config: IGPTConfig, params: Mapping[str, Any]) -> None:
     """Orbax checkpoint of params with the config in its metadata."""
     checkpoints.save_orbax(
-        path, _as_params(params), {"model": "igpt", "config": dataclasses.asdict(config)}
+        path, checkpoints.unwrap_params(params), {"model": "igpt", "config": dataclasses.asdict(config)}
     )
 
 
@@ -416,4 +411,4 @@ def pooled_representations(
     if stream not in ("paper", "residual"):
         raise ValueError(f"stream must be 'paper' or 'residual', got {stream!r}")
     check_token_ids(tokens, model.config.vocab_size, name="tokens")
-    return _pooled(model, _as_params(params), jnp.asarray(tokens, jnp.int32), stream)
+    return _pooled(model, checkpoints.unwrap_params(params), jnp.asarray(tokens, jnp.int32), stream)

@@ -193,7 +193,8 @@ class TokenBatch:
         return self.source >= 0
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n (padded batch shapes: rows and widths)."""
     return -(-n // multiple) * multiple
 
 
@@ -224,7 +225,7 @@ def length_bucketed_batches(
     groups: list[list[tuple[int, int, int]]] = []
     current: list[tuple[int, int, int]] = []
     for row in rows:
-        width = _round_up(row[0], pad_to_multiple)  # ascending order: the new row is the widest
+        width = round_up(row[0], pad_to_multiple)  # ascending order: the new row is the widest
         too_many = len(current) >= batch_size
         too_big = max_tokens is not None and current and (len(current) + 1) * width > max_tokens
         if current and (too_many or too_big):
@@ -236,7 +237,7 @@ def length_bucketed_batches(
 
     batches = []
     for group in groups:
-        width = _round_up(group[-1][0], pad_to_multiple)
+        width = round_up(group[-1][0], pad_to_multiple)
         n_rows = batch_size if fixed_batch_size else len(group)
         tokens = np.full((n_rows, width), PAD_ID, dtype=np.int32)
         source = np.full(n_rows, -1, dtype=np.int64)

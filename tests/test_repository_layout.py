@@ -49,3 +49,23 @@ def test_no_file_helpers_left_in_the_geometry_library():
 
     with pytest.raises(AttributeError):
         idjax.files  # noqa: B018
+
+
+def test_models_define_each_small_helper_once():
+    """One params unwrap (checkpoints.unwrap_params) and one round-up (protein_tokenizer.round_up) in models/."""
+    defined: dict[str, list[str]] = {}
+    for path in sorted((REPO / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and ("unwrap" in node.name or "round_up" in node.name
+                                                      or node.name == "_as_params"):
+                defined.setdefault(node.name.lstrip("_"), []).append(path.name)
+    assert defined == {"unwrap_params": ["checkpoints.py"], "round_up": ["protein_tokenizer.py"]}
+
+
+def test_unwrap_params_takes_the_tree_or_the_variables_dict():
+    from models.checkpoints import unwrap_params
+
+    tree = {"layers_0": {"kernel": 1}}
+    assert unwrap_params(tree) is tree
+    assert unwrap_params({"params": tree}) is tree
+    assert unwrap_params({"params": tree, "intermediates": {}}) is tree
