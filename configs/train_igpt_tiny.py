@@ -14,7 +14,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: comma-separated, any of "cpu" (default) | "gpu" and "digits" (default) | "mnist" | "cifar10"."""
-    tokens = {t.strip().lower() for t in (arg or "").split(",") if t.strip()}
+    tokens = {token.strip().lower() for token in (arg or "").split(",") if token.strip()}
     unknown = tokens - {"cpu", "gpu", "digits", "mnist", "cifar10"}
     if unknown or len(tokens & {"cpu", "gpu"}) > 1 or len(tokens & {"digits", "mnist", "cifar10"}) > 1:
         raise ValueError(f"arg must combine one of cpu|gpu with one of digits|mnist|cifar10, got {arg!r}")

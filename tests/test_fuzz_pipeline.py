@@ -104,12 +104,12 @@ def _comparable(results: dict) -> dict:
 def reference(tmp_path_factory):
     """An uninterrupted run: (workdir, its layers, labels, ids, results)."""
     workdir = tmp_path_factory.mktemp("reference")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(extract, "build_encoder", fake_build_encoder)
+    patches = pytest.MonkeyPatch()
+    patches.setattr(extract, "build_encoder", fake_build_encoder)
     try:
         results = run_pipeline(workdir)
     finally:
-        mp.undo()
+        patches.undo()
     reps = store.load(store.store_dir(workdir), mmap=False)
     return workdir, [np.array(x) for x in reps.layers], reps.labels, reps.ids, results
 
@@ -136,8 +136,8 @@ def damage(path: pathlib.Path, how: str, source: pathlib.Path | None) -> None:
     if how == "truncate":
         path.write_bytes(data[: len(data) // 2])
     elif how == "flip":
-        at = len(data) * 2 // 3
-        path.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :])
+        flipped = len(data) * 2 // 3
+        path.write_bytes(data[:flipped] + bytes([data[flipped] ^ 0x01]) + data[flipped + 1 :])
     else:  # another stored file copied over this one
         shutil.copyfile(source, path)
 
@@ -149,19 +149,19 @@ def follow_the_fix(message: str, damaged: pathlib.Path) -> None:
     shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-R = "representations"
+STORE = "representations"
 # artefact -> (the file copied over it, the stage it is damaged at)
 ARTEFACTS = {
-    f"{R}/plan.json": (f"{R}/batches/00000.npz", "partial"),
-    f"{R}/batches/00001.npz": (f"{R}/batches/00000.npz", "partial"),
-    f"{R}/layer_001.npy": (f"{R}/layer_000.npy", "store"),
-    f"{R}/labels.npy": (f"{R}/layer_000.npy", "store"),
-    f"{R}/ids.json": (f"{R}/manifest.json", "store"),
-    f"{R}/manifest.json": (f"{R}/plan.json", "store"),
+    f"{STORE}/plan.json": (f"{STORE}/batches/00000.npz", "partial"),
+    f"{STORE}/batches/00001.npz": (f"{STORE}/batches/00000.npz", "partial"),
+    f"{STORE}/layer_001.npy": (f"{STORE}/layer_000.npy", "store"),
+    f"{STORE}/labels.npy": (f"{STORE}/layer_000.npy", "store"),
+    f"{STORE}/ids.json": (f"{STORE}/manifest.json", "store"),
+    f"{STORE}/manifest.json": (f"{STORE}/plan.json", "store"),
     # A damaged cache entry is recomputed (with a warning naming it), never read: the "correct result" outcome.
     "profile_layers/layer_001_ids.npz": ("profile_layers/layer_000_ids.npz", "profile"),
     "profile_layers/layer_001_graph.npz": ("profile_layers/layer_000_graph.npz", "profile"),
-    "results.json": (f"{R}/manifest.json", "output"),
+    "results.json": (f"{STORE}/manifest.json", "output"),
     "profile.npz": ("profile_layers/layer_000_ids.npz", "output"),
 }
 
@@ -367,7 +367,7 @@ def test_a_second_process_on_a_workdir_is_refused_naming_the_holder(reference, t
                     lambda: train.train(_train_config(), workdir)):
             with pytest.raises(files.WorkdirBusyError, match=rf"pid {holder.pid} on host .*train, started 20"):
                 job()
-        assert not (workdir / R).exists()  # nothing was touched
+        assert not (workdir / STORE).exists()  # nothing was touched
     finally:
         holder.kill()  # SIGKILL: the kernel releases the lock, nothing stale is left
         holder.wait()

@@ -217,9 +217,9 @@ def test_resume_refuses_another_model_and_warns_on_changed_training(tmp_path, ca
 
 
 def test_schedule_warmup_and_cosine():
-    tc = _igpt_config().train
-    tc.warmup_steps, tc.learning_rate, tc.end_lr_fraction = 10, 1e-3, 0.1
-    sched = train.make_schedule(tc)
+    training = _igpt_config().train
+    training.warmup_steps, training.learning_rate, training.end_lr_fraction = 10, 1e-3, 0.1
+    sched = train.make_schedule(training)
     assert float(sched(0)) == 0.0
     assert float(sched(10)) == pytest.approx(1e-3)
     assert float(sched(100)) == pytest.approx(1e-4)
