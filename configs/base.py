@@ -1,8 +1,17 @@
 """Defaults shared by every analysis config: extraction, profile, selection and probes."""
 
+import os
+import pathlib
+
 import ml_collections
 
-from configs import common
+# The data paths are defined here, not imported, because idjax.profile loads this file by its path
+# (outside the `configs` package, so a user's own `configs` is never shadowed); configs/common.py
+# takes them from here.
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("IDJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+SCOPE_FASTA = SHARED_DATA / "protein" / "astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa"
+ECOLI_FASTA = SHARED_DATA / "protein" / "UP000000625_83333.fasta"
 
 
 def analysis_config() -> ml_collections.ConfigDict:
@@ -31,7 +40,7 @@ def analysis_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "scope"
-    config.data.path = str(common.SCOPE_FASTA)
+    config.data.path = str(SCOPE_FASTA)
     config.data.root = ""
     config.data.split = ""
     config.data.size = 0

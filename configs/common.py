@@ -8,15 +8,11 @@ Blocks: `training` and `checkpoint` return fresh ConfigDicts with every key the 
 overrides or adds what only it uses (ESM-2's masking rates, iGPT's evaluation batch).
 """
 
-import os
-import pathlib
-
 import ml_collections
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("IDJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
-SCOPE_FASTA = SHARED_DATA / "protein" / "astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa"
-ECOLI_FASTA = SHARED_DATA / "protein" / "UP000000625_83333.fasta"
+from configs.base import ECOLI_FASTA, REPO, SCOPE_FASTA, SHARED_DATA  # defined there: base.py is loaded by path
+
+__all__ = ["CIFAR10_ROOT", "ECOLI_FASTA", "MNIST_ROOT", "REPO", "SCOPE_FASTA", "SHARED_DATA", "checkpoint", "training"]
 MNIST_ROOT = SHARED_DATA / "images"  # the MNIST test set's IDX files
 CIFAR10_ROOT = SHARED_DATA / "images" / "cifar10_convnetjs"  # the ConvNetJS CIFAR-10 PNG batches
 
