@@ -113,34 +113,35 @@ def main() -> None:
         model = esm2.ESM2(config)
         apply = jax.jit(model.apply)
 
-        def run_full(bs, apply=apply, params=params):
-            outs = [apply({"params": params}, jnp.asarray(b)) for b in bs]
+        def run_full(batch_list, apply=apply, params=params):
+            outs = [apply({"params": params}, jnp.asarray(batch)) for batch in batch_list]
             jax.block_until_ready(outs)
             return outs
 
-        def run_pooled(bs, model=model, params=params):
-            outs = [esm2.pooled_hidden_states(model, params, b) for b in bs]
+        def run_pooled(batch_list, model=model, params=params):
+            outs = [esm2.pooled_hidden_states(model, params, batch) for batch in batch_list]
             jax.block_until_ready(outs)
             return outs
 
-        def run_torch(bs, ref=ref):
+        def run_torch(batch_list, ref=ref):
             with torch.inference_mode():
-                return [ref(torch.from_numpy(b).long(), attention_mask=torch.from_numpy(b != tk.PAD_ID).long(),
-                            output_hidden_states=True) for b in bs]
+                return [ref(torch.from_numpy(batch).long(), attention_mask=torch.from_numpy(batch != tk.PAD_ID).long(),
+                            output_hidden_states=True) for batch in batch_list]
 
         def with_threads(fn, n):
-            def run(bs):
+            def run(batch_list):
                 torch.set_num_threads(n)
-                return fn(bs)
+                return fn(batch_list)
             return run
 
         fns = {"full": run_full, "pooled": run_pooled}
         if torch is not None:
-            for n in sorted({int(t) for t in args.torch_threads.split(",")}):
+            for n in sorted({int(threads) for threads in args.torch_threads.split(",")}):
                 fns[f"torch{n}"] = with_threads(run_torch, n)
         first, best = interleaved_times(fns, batches, args.repeats)
         row = {"size": size, "compile": first["full"] - best["full"], "diff": float("nan"), "torch": float("nan"),
-               "threads": "-", **{name: n_tokens / t for name, t in best.items() if not name.startswith("torch")}}
+               "threads": "-",
+               **{name: n_tokens / seconds for name, seconds in best.items() if not name.startswith("torch")}}
         if torch is not None:
             name = min((k for k in best if k.startswith("torch")), key=best.get)
             row["torch"], row["threads"] = n_tokens / best[name], name[len("torch"):]

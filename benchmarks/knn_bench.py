@@ -174,8 +174,8 @@ def main() -> None:
           f"{os.cpu_count()} cores (idjax compile: {compile_s:.2f} s)\n")
     print("| tool | time (s) | GFLOP/s | idjax speed-up |")
     print("|---|---|---|---|")
-    for name, t in rows:
-        print(f"| {name} | {t:.4f} | {flops / t / 1e9:.0f} | {t / t_idjax:.2f}x |")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.4f} | {flops / seconds / 1e9:.0f} | {seconds / t_idjax:.2f}x |")
     gemm_name = "the device's jnp" if args.idjax_only else "the numpy"
     print(f"\nidjax.knn reaches {t_gemm / t_idjax:.0%} of {gemm_name} GEMM rate on the same data.")
     print("\n| whole layer profile (kNN + TwoNN + GRIDE to k + label and data overlap) | time (s) | idjax speed-up |")

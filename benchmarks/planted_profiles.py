@@ -64,9 +64,10 @@ def planted_layers(dims: list[int], n: int, noise: float, seed: int) -> list[np.
     whole network, as a representation's noise does not shrink with its ID, so low-ID layers (small NN
     distances) are perturbed most at their own nearest-neighbour scale."""
     clean = [clean_layer(d, n, 1000 * seed + 17 * i) for i, d in enumerate(dims)]
-    r1 = np.median([np.asarray(idjax.knn(x.astype(np.float32), 1).distances).mean() for x in clean])
+    nn_distance = np.median([np.asarray(idjax.knn(x.astype(np.float32), 1).distances).mean() for x in clean])
     rng = np.random.default_rng(seed + 1)
-    return [(x + rng.normal(scale=noise * r1 / np.sqrt(AMBIENT), size=x.shape)).astype(np.float32) for x in clean]
+    scale = noise * nn_distance / np.sqrt(AMBIENT)
+    return [(x + rng.normal(scale=scale, size=x.shape)).astype(np.float32) for x in clean]
 
 
 def candidates(cfg) -> dict[str, str]:
@@ -97,10 +98,10 @@ def api_layer_metrics(x: np.ndarray, cfg, seed: int) -> dict:
     """The per-layer metrics the candidates need, from the public API alone."""
     dist, idx = idjax.knn(x, cfg.k_max)
     ids, errs, ranks = idjax.gride_scaling(dist, range_max=cfg.gride_range_max)
-    dec = idjax.twonn_decimation(x, fraction=cfg.twonn_fraction, seed=seed, min_size=cfg.decimation_min_size)
+    decimation = idjax.twonn_decimation(x, fraction=cfg.twonn_fraction, seed=seed, min_size=cfg.decimation_min_size)
     return {"indices": np.asarray(idx), "twonn": float(idjax.twonn(dist, fraction=cfg.twonn_fraction)),
             "gride_ids": ids, "gride_errs": errs, "gride_ranks": ranks,
-            "decimation_ids": dec.ids, "decimation_errs": dec.errs, "decimation_sizes": dec.sizes}
+            "decimation_ids": decimation.ids, "decimation_errs": decimation.errs, "decimation_sizes": decimation.sizes}
 
 
 def hit(selected, planted: int, expected_branch: str) -> bool:

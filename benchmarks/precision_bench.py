@@ -36,16 +36,17 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for i, x in enumerate(layers):
         x = x[idjax.find_duplicates(x).keep]
-        d32, i32 = idjax.knn(x, 16)
-        t32, g32 = float(idjax.twonn(d32)), idjax.gride(d32, 8, 16).id
+        dist_f32, idx_f32 = idjax.knn(x, 16)
+        twonn_f32, gride_f32 = float(idjax.twonn(dist_f32)), idjax.gride(dist_f32, 8, 16).id
         for dtype in (jnp.bfloat16, jnp.float16):
             low = jnp.asarray(x, dtype)
-            dl, il = idjax.knn(low, 16)
-            overlap = idjax.data_overlap(i32, il, args.k)
-            tl = float(idjax.twonn(dl, duplicates="drop"))
-            gl = idjax.gride(dl, 8, 16, duplicates="drop").id
+            dist_low, idx_low = idjax.knn(low, 16)
+            overlap = idjax.data_overlap(idx_f32, idx_low, args.k)
+            twonn_low = float(idjax.twonn(dist_low, duplicates="drop"))
+            gride_low = idjax.gride(dist_low, 8, 16, duplicates="drop").id
             name = jnp.dtype(dtype).name
-            print(f"| {i} | {name} | {overlap:.3f} | {(tl - t32) / t32:+.2%} | {(gl - g32) / g32:+.2%} |")
+            print(f"| {i} | {name} | {overlap:.3f} | {(twonn_low - twonn_f32) / twonn_f32:+.2%} | "
+                  f"{(gride_low - gride_f32) / gride_f32:+.2%} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import pathlib
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+# The data paths are defined here, not imported, because idjax.profile loads this file by its path
+# (outside the `configs` package, so a user's own `configs` is never shadowed); configs/common.py
+# takes them from here.
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("IDJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
 SCOPE_FASTA = SHARED_DATA / "protein" / "astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa"

@@ -1,4 +1,4 @@
-"""The default main job (`make demo`): fully offline, no ../shared needed, < 10 min on 2 CPU cores.
+"""The default main job (`make demo`): fully offline, no $IDJAX_SHARED_DATA needed, < 10 min on 2 CPU cores.
 
 Trains a tiny iGPT on scikit-learn's digits (configs/train_igpt_tiny.py), extracts every layer's
 pooled representation of all 1,797 digits, profiles ID and overlaps, selects the layer at the

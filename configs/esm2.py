@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from configs import base
+from configs import base, common
 
 SIZES = ("8M", "35M", "150M", "650M", "3B", "15B")
 
@@ -31,14 +31,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.size = arg
     elif arg == "trained":
         config.model.source = "trained"
-        config.model.path = str(base.REPO / "workdirs" / "esm2_tiny_ecoli")
+        config.model.path = str(common.REPO / "workdirs" / "esm2_tiny_ecoli")
     elif arg == "tiny":
         config.model.source = "random"
         config.model.size = "tiny"
     else:
         raise ValueError(f"arg must be one of {SIZES}, 'trained' or 'tiny'; got {arg!r}")
     config.data.name = "scope"
-    config.data.path = str(base.SCOPE_FASTA)
+    config.data.path = str(common.SCOPE_FASTA)
     config.data.label = "superfamily"
     config.data.min_class_size = 20
     config.data.per_class = 40

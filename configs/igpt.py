@@ -14,7 +14,7 @@ N/32-point subsets.
 
 import ml_collections
 
-from configs import base
+from configs import base, common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -26,13 +26,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.source = "hf"
         config.model.size = arg
         config.data.name = "cifar10"
-        config.data.root = str(base.SHARED_DATA / "images" / "cifar10_convnetjs")
+        config.data.root = str(common.CIFAR10_ROOT)
         config.data.split = "test"
         config.extract.batch_size = 8
     elif arg in ("trained", "tiny"):
         config.model.source = "trained" if arg == "trained" else "random"
         if arg == "trained":
-            config.model.path = str(base.REPO / "workdirs" / "igpt_tiny_digits")
+            config.model.path = str(common.REPO / "workdirs" / "igpt_tiny_digits")
         config.model.size = "mini"
         config.model.overrides = {"vocab_size": 17, "n_positions": 64}
         config.data.name = "digits"

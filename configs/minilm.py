@@ -7,7 +7,7 @@ or `:full` for every text instead of at most 300 per class.
 
 import ml_collections
 
-from configs import base
+from configs import base, common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -16,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.family = "bert"
     config.model.source = "minilm"
     config.data.name = "scope_text"
-    config.data.path = str(base.SCOPE_FASTA)
+    config.data.path = str(common.SCOPE_FASTA)
     config.data.per_class = None if arg == "full" else 300
     config.extract.batch_size = 64
     return config

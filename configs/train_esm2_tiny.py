@@ -1,17 +1,12 @@
 """Masked-LM pre-training of a small ESM-2 on the E. coli proteome.
 
 `--config=configs/train_esm2_tiny.py` (CPU, a few minutes) or `...:gpu` (8M-sized model, longer crops).
-Data paths come from $IDJAX_SHARED_DATA (default ../shared/data next to the repository).
+Data paths come from configs/common.py ($IDJAX_SHARED_DATA, default ../shared/data next to the repository).
 """
-
-import os
-import pathlib
 
 import ml_collections
 
-SHARED_DATA = pathlib.Path(
-    os.environ.get("IDJAX_SHARED_DATA", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.esm2.token_dropout = True
 
     config.data = ml_collections.ConfigDict()
-    config.data.fasta = str(SHARED_DATA / "protein" / "UP000000625_83333.fasta")
+    config.data.fasta = str(common.ECOLI_FASTA)
     config.data.max_residues = 510 if gpu else 128  # crop length (training: random offset per draw)
     config.data.val_fraction = 0.05
     config.data.split_seed = 0
@@ -48,28 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.scope_fasta = ml_collections.config_dict.placeholder(str)
     config.data.scope_holdout_families = 0.2
 
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = 20_000 if gpu else 1200
-    config.train.batch_size = 64 if gpu else 32
-    config.train.eval_batch_size = 64 if gpu else 32
-    config.train.learning_rate = 4e-4 if gpu else 2e-3
-    config.train.warmup_steps = 1000 if gpu else 100
-    config.train.end_lr_fraction = 0.1
-    config.train.weight_decay = 0.01
-    config.train.b1 = 0.9
-    config.train.b2 = 0.98
-    config.train.eps = 1e-8
-    config.train.grad_clip_norm = 1.0
+    config.train = common.training(gpu=gpu, steps=20_000 if gpu else 1200, learning_rate=4e-4 if gpu else 2e-3,
+                                   warmup_steps=1000 if gpu else 100, b2=0.98)
     config.train.mask_prob = 0.15
     config.train.mask_token_prob = 0.8
     config.train.random_token_prob = 0.1
-    config.train.log_interval = 50 if gpu else 25
-    config.train.eval_interval = 1000 if gpu else 100
-    config.train.progress_bar = True
-
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.interval = 1000 if gpu else 300
-    config.checkpoint.max_to_keep = 3
-    config.checkpoint.keep_steps = ()  # also checkpoint these steps and never delete them (0: the initialisation)
-    config.checkpoint.async_save = True
+    config.checkpoint = common.checkpoint(interval=1000 if gpu else 300)
     return config

@@ -4,22 +4,17 @@
 `...:mnist` (MNIST test set resized to 14x14 with a seeded held-out split), `...:cifar10`
 (ConvNetJS CIFAR-10 subset, 16x16, its own train/test batches), and `gpu` for larger settings,
 combinable with a dataset: `...:gpu,cifar10` (32x32, 512 colours, 8 layers x 256).
-Data paths come from $IDJAX_SHARED_DATA (default ../shared/data next to the repository).
+Data paths come from configs/common.py ($IDJAX_SHARED_DATA, default ../shared/data next to the repository).
 """
-
-import os
-import pathlib
 
 import ml_collections
 
-SHARED_DATA = pathlib.Path(
-    os.environ.get("IDJAX_SHARED_DATA", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: comma-separated, any of "cpu" (default) | "gpu" and "digits" (default) | "mnist" | "cifar10"."""
-    tokens = {t.strip().lower() for t in (arg or "").split(",") if t.strip()}
+    tokens = {token.strip().lower() for token in (arg or "").split(",") if token.strip()}
     unknown = tokens - {"cpu", "gpu", "digits", "mnist", "cifar10"}
     if unknown or len(tokens & {"cpu", "gpu"}) > 1 or len(tokens & {"digits", "mnist", "cifar10"}) > 1:
         raise ValueError(f"arg must combine one of cpu|gpu with one of digits|mnist|cifar10, got {arg!r}")
@@ -42,8 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.name = dataset
     config.data.root = {
         "digits": None,  # ships with scikit-learn
-        "mnist": str(SHARED_DATA / "images"),
-        "cifar10": str(SHARED_DATA / "images" / "cifar10_convnetjs"),
+        "mnist": str(common.MNIST_ROOT),
+        "cifar10": str(common.CIFAR10_ROOT),
     }[dataset]
     config.data.split = "test" if dataset == "mnist" else None  # only the MNIST test set is offline
     # Side length after resizing (None keeps it): sequence length = size^2.
@@ -54,25 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_train_examples = None
     config.data.max_eval_examples = None if gpu or dataset == "digits" else 1000
 
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = {"digits": 1500, "mnist": 1500, "cifar10": 1500}[dataset] if not gpu else 10_000
-    config.train.batch_size = 64 if gpu else 32
+    config.train = common.training(gpu=gpu, steps=10_000 if gpu else 1500, learning_rate=1e-3 if gpu else 2e-3,
+                                   warmup_steps=500 if gpu else 100, b2=0.95)
     config.train.eval_batch_size = 64
-    config.train.learning_rate = 1e-3 if gpu else 2e-3
-    config.train.warmup_steps = 500 if gpu else 100
-    config.train.end_lr_fraction = 0.1
-    config.train.weight_decay = 0.01
-    config.train.b1 = 0.9
-    config.train.b2 = 0.95
-    config.train.eps = 1e-8
-    config.train.grad_clip_norm = 1.0
-    config.train.log_interval = 50 if gpu else 25
-    config.train.eval_interval = 1000 if gpu else 100
-    config.train.progress_bar = True
-
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.interval = 1000 if gpu else 250
-    config.checkpoint.max_to_keep = 3
-    config.checkpoint.keep_steps = ()  # also checkpoint these steps and never delete them (0: the initialisation)
-    config.checkpoint.async_save = True
+    config.checkpoint = common.checkpoint(interval=1000 if gpu else 250)
     return config

@@ -200,9 +200,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _shared_data() -> pathlib.Path:
-    from configs import base
+    from configs import common
 
-    return base.SHARED_DATA
+    return common.SHARED_DATA
 
 
 def _missing_file_message(path: str | pathlib.Path, key: str) -> str:
@@ -361,7 +361,7 @@ def run_sweep(config, workdir: pathlib.Path) -> None:
         logging.info("sweep %d/%d: %s", i + 1, len(children), name)
         results = run_one(child, workdir / name)
         if isinstance(results, dict) and "id" in results:
-            from idjax.files import load_npz
+            from experiments.files import load_npz
 
             arrays = load_npz(workdir / name / "profile.npz", fix=f"delete it and re-run the sweep entry {name}")
             runs.append((name, results, arrays))
@@ -369,7 +369,7 @@ def run_sweep(config, workdir: pathlib.Path) -> None:
                                                          "id", "n_points", "selection_rule")})
     if runs:
         figures = report.write_figures(workdir, runs, prefix="sweep_")
-        from idjax.files import atomic_write_json
+        from experiments.files import atomic_write_json
 
         atomic_write_json(workdir / "sweep.json", {"runs": summary, "figures": [str(f) for f in figures]},
                           checksum=True)

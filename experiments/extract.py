@@ -22,9 +22,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from experiments import datasets, store
+from experiments import datasets, files, store
 from experiments.datasets import Examples, load_examples
-from idjax import files
 from models import registry
 
 
@@ -160,7 +159,7 @@ def build_encoder(model_settings: ml_collections.ConfigDict, examples: Examples,
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Extracts pooled representations of every layer into `workdir/representations` (resumable).
 
-    Holds the workdir's lock (`idjax.files.workdir_lock`): a second job on the same workdir is refused.
+    Holds the workdir's lock (`experiments.files.workdir_lock`): a second job on the same workdir is refused.
     """
     with files.workdir_lock(workdir, "extract"):
         return _run(config, pathlib.Path(workdir))

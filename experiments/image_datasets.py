@@ -4,7 +4,7 @@ Every reader returns an `ImageDataset`: uint8 images [N, H, W, C] (C = 1 for gra
 int64 labels [N] and the class names. `ImageDataset` is itself a random-access data source
 (`len(ds)`, `ds[i] -> {"image", "label", "index"}`), the protocol Grain and TFDS data sources share.
 
-Sources (see ../shared/data/SOURCES.md for the shared files):
+Sources (see $IDJAX_SHARED_DATA/SOURCES.md for the shared files):
   - MNIST IDX files (`load_mnist`): `{t10k,train}-{images-idx3,labels-idx1}-ubyte[.gz]`.
   - CIFAR-10 as ConvNetJS PNG batches (`load_cifar10_convnetjs`): `cifar10_batch_{b}.png`, each
     1024 wide x 1000 high RGB, row i = image i flattened 32x32 row-major; labels in

@@ -32,8 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import datasets, extract, probe, store
-from idjax import files
+from experiments import datasets, extract, files, probe, store
 
 STORES = ("trained", "untrained", "features")
 # Any size key of each family: every field of the trained model's config is given as an override.

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 import idjax
 from experiments import report, store
-from idjax.files import CorruptFileError, atomic_save_npz, atomic_write_json, load_npz, workdir_lock
+from experiments.files import CorruptFileError, atomic_save_npz, atomic_write_json, load_npz, workdir_lock
 from idjax.selection import select_layer
 
 
@@ -50,14 +50,14 @@ def _common_keep(layers: list[np.ndarray], policy: str) -> tuple[np.ndarray, lis
     keep = np.ones(layers[0].shape[0], bool)
     per_layer = []
     for i, x in enumerate(layers):
-        dup = idjax.find_duplicates(np.asarray(x))
-        per_layer.append(dup.count)
-        if dup.count and policy == "error":
+        duplicates = idjax.find_duplicates(np.asarray(x))
+        per_layer.append(duplicates.count)
+        if duplicates.count and policy == "error":
             raise ValueError(
-                f"layer {i} has {dup.count} duplicate representations (e.g. identical inputs); set "
+                f"layer {i} has {duplicates.count} duplicate representations (e.g. identical inputs); set "
                 "profile.duplicates='drop' to leave them out of every layer"
             )
-        keep &= ~dup.is_duplicate
+        keep &= ~duplicates.is_duplicate
     return np.flatnonzero(keep), per_layer
 
 
@@ -187,10 +187,10 @@ def layer_metrics(x, keep: np.ndarray, labels: np.ndarray | None, cfg: ml_collec
         return {"distances": dist, "indices": idx}
 
     prefix = cache_dir / f"layer_{layer:03d}"
-    g = cached(pathlib.Path(f"{prefix}_graph.npz"), {"result": "knn_graph", **data, "k": k}, graph)
-    out = {"indices": g["indices"]}
+    neighbours = cached(pathlib.Path(f"{prefix}_graph.npz"), {"result": "knn_graph", **data, "k": k}, graph)
+    out = {"indices": neighbours["indices"]}
     out.update(cached(pathlib.Path(f"{prefix}_ids.npz"), {"result": "ids", **data, "k": k, **_options(cfg, ID_OPTIONS)},
-                      lambda: id_metrics(g["distances"], cfg)))
+                      lambda: id_metrics(neighbours["distances"], cfg)))
     if cfg.decimation:
         out.update(cached(pathlib.Path(f"{prefix}_decimation.npz"),
                           {"result": "decimation", **data, "seed": seed, **_options(cfg, DECIMATION_OPTIONS)},
@@ -199,7 +199,7 @@ def layer_metrics(x, keep: np.ndarray, labels: np.ndarray | None, cfg: ml_collec
         out.update(cached(pathlib.Path(f"{prefix}_labels.npz"),
                           {"result": "labels", **data, "k": k, "labels_digest": identity["labels_digest"],
                            **_options(cfg, LABEL_OPTIONS)},
-                          lambda: label_metrics(g["indices"], labels, cfg.label_ks)))
+                          lambda: label_metrics(neighbours["indices"], labels, cfg.label_ks)))
     return out
 
 
@@ -417,19 +417,19 @@ def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collection
         out["linear_probe_accuracy"] = linear["accuracy"].tolist()
 
     def neighbour_probes() -> dict:
-        rows, y, g = layers, labels, groups
+        rows, y, families = layers, labels, groups
         result = {}
-        if g is not None:
-            subset = probe.remote_homology_subset(y, g)
+        if families is not None:
+            subset = probe.remote_homology_subset(y, families)
             if len(subset) < cfg.knn_k + 2:
                 raise ValueError(f"only {len(subset)} points have a superfamily spanning two families; "
                                  "remote-homology probing needs more (lower data.min_class_size or add data)")
-            rows, y, g = rows.take_rows(subset), y[subset], g[subset]
+            rows, y, families = rows.take_rows(subset), y[subset], families[subset]
             result["remote_homology_points"] = len(subset)
-        scores = probe.probe_layers(rows, y, groups=g, linear=False, knn_k=cfg.knn_k,
-                                    overlap_k=None if g is None else overlap_k)
+        scores = probe.probe_layers(rows, y, groups=families, linear=False, knn_k=cfg.knn_k,
+                                    overlap_k=None if families is None else overlap_k)
         result["knn_accuracy"] = scores["knn_accuracy"]
-        if g is not None:
+        if families is not None:
             result["remote_homology_label_overlap"] = scores["label_overlap"]
         return result
 
@@ -470,7 +470,7 @@ def _run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Profiles the representations in `workdir` and writes results.json, profile.npz and figures.
 
-    Holds the workdir's lock (`idjax.files.workdir_lock`): a second job on the same workdir is refused.
+    Holds the workdir's lock (`experiments.files.workdir_lock`): a second job on the same workdir is refused.
     """
     with workdir_lock(workdir, "profile", process_index=jax.process_index()):
         return _run(config, pathlib.Path(workdir))

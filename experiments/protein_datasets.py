@@ -1,4 +1,4 @@
-"""Protein sequence datasets from local FASTA files (see ../shared/data/SOURCES.md).
+"""Protein sequence datasets from local FASTA files (see $IDJAX_SHARED_DATA/SOURCES.md).
 
   - SCOPe/ASTRAL (`read_scope_astral`): headers `>d1dlwa_ a.1.1.1 (A:) description`; the sccs
     `class.fold.superfamily.family` gives four nested labels. Sequences are lowercase in the file and

@@ -102,9 +102,9 @@ def plot_id(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
         x = _x(runs, arrays)
         ax.errorbar(x, arrays["id"], yerr=arrays["id_err"], marker="o", ms=3, capsize=2, lw=1.2, color=colour,
                     label=name)
-        sel, peak = results["selected_layer"], results["peak_layer"]
-        if sel is not None:  # a profile without a significant peak or minimum selects nothing
-            ax.plot(x[sel], arrays["id"][sel], marker="*", ms=12, color=colour, mec="k", mew=0.6, zorder=5,
+        selected, peak = results["selected_layer"], results["peak_layer"]
+        if selected is not None:  # a profile without a significant peak or minimum selects nothing
+            ax.plot(x[selected], arrays["id"][selected], marker="*", ms=12, color=colour, mec="k", mew=0.6, zorder=5,
                     ls="none")
         if peak is not None:
             ax.plot(x[peak], arrays["id"][peak], marker="^", ms=6, color=colour, mec="k", mew=0.6, zorder=5,
@@ -201,8 +201,8 @@ def plot_gride_scaling(run: Run, path: pathlib.Path) -> pathlib.Path:
                     color=colours[layer], lw=1, capsize=1.5, marker="o", ms=2)
     ax.set_xscale("log", base=2)
     ax.set_xticks(arrays["gride_ranks"], [str(int(r)) for r in arrays["gride_ranks"]])
-    sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, n_layers - 1))
-    bar = fig.colorbar(sm, ax=ax, label="layer")
+    layer_colours = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, n_layers - 1))
+    bar = fig.colorbar(layer_colours, ax=ax, label="layer")
     bar.set_ticks(np.arange(0, n_layers, max(1, int(np.ceil(n_layers / 8)))))
     _style(ax, "neighbour rank n2 (GRIDE, n1 = n2/2)", "intrinsic dimension")
     ax.set_title(f"{name}: scale dependence of the ID", fontsize=7)
@@ -321,7 +321,7 @@ def write_report_md(directory: pathlib.Path, results: dict, figures: Sequence[pa
     """report.md beside the figures: the summary table, the figures, provenance and the config."""
     import json
 
-    from idjax.files import atomic_write_text
+    from experiments.files import atomic_write_text
 
     directory = pathlib.Path(directory)
     lines = [f"# {results.get('name', 'profile')}", ""]
@@ -331,10 +331,10 @@ def write_report_md(directory: pathlib.Path, results: dict, figures: Sequence[pa
     for figure in figures:
         figure = pathlib.Path(figure)
         lines += [f"![{figure.stem}]({figure.name}) ([PDF]({figure.with_suffix('.pdf').name}))", ""]
-    prov = results.get("provenance")
-    if prov:
+    provenance = results.get("provenance")
+    if provenance:
         lines += ["## Provenance", "", "| | |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in prov.items()]
+        lines += [f"| {key} | {value} |" for key, value in provenance.items()]
         lines.append("")
     if results.get("config"):
         lines += ["## Config", "", "```json", json.dumps(results["config"], indent=2, default=str), "```", ""]

@@ -10,7 +10,7 @@ Layout of `<workdir>/representations/`:
   manifest.json          written LAST, listing every file with its shape, size and SHA-256: a store
                          without it is incomplete and is never read as a result.
 
-Integrity: batch files and plan.json / manifest.json carry their own checksums (`idjax.files`); the
+Integrity: batch files and plan.json / manifest.json carry their own checksums (`experiments.files`); the
 layer files, labels.npy and ids.json are checked against the manifest's sizes on every `load` and
 against its SHA-256s when `load(verify=True)` (the default: one streamed, multi-threaded pass over the
 files, about 1 GB/s per core). A damaged file is a `CorruptFileError` naming it and what to delete.
@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from idjax import files
-from idjax.files import atomic_save_npy, atomic_save_npz, atomic_write_json
+from experiments import files
+from experiments.files import atomic_save_npy, atomic_save_npz, atomic_write_json
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"

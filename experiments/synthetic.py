@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 import idjax
-from idjax.files import atomic_write_json
+from experiments.files import atomic_write_json
 
 
 def manifold(name: str, n: int, dim: int, ambient: int, seed: int = 0) -> np.ndarray:

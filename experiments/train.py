@@ -22,7 +22,7 @@ as is a half-written last line, so `metrics.jsonl` and `train_result.json` read 
 Damaged checkpoints: each checkpoint's "data" item records a SHA-256 of the state it was saved with.
 A latest checkpoint that cannot be read or does not match it is named in a warning, moved to
 `checkpoints_damaged/<step>`, and the run resumes from the newest good one. Only one process trains in
-a workdir at a time (`idjax.files.workdir_lock`); a second one exits naming the first.
+a workdir at a time (`experiments.files.workdir_lock`); a second one exits naming the first.
 
 Workdir layout:
   config.json        the ConfigDict (written atomically at the start; checked on resume)
@@ -55,8 +55,8 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from experiments import tensorboard
+from experiments.files import CorruptFileError, atomic_write_json, atomic_write_text, workdir_lock
 from experiments.train_data import BatchIterator, TrainData, load_data
-from idjax.files import CorruptFileError, atomic_write_json, atomic_write_text, workdir_lock
 from models import registry
 
 STATE_ITEM, DATA_ITEM = "state", "data"

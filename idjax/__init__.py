@@ -19,7 +19,7 @@ _EXPORTS = {
     "idjax.overlap": ("data_overlap", "data_overlap_per_point", "label_overlap", "label_overlap_per_point"),
     "idjax.layer_profile": ("Profile", "load_layers", "profile"),
 }
-_SUBMODULES = ("sharded", "selection", "validation", "files", "intrinsic_dim", "neighbors", "overlap",
+_SUBMODULES = ("sharded", "selection", "validation", "intrinsic_dim", "neighbors", "overlap",
                "layer_profile")
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -47,7 +47,7 @@ def profile_command(args: argparse.Namespace) -> int:
     labels = None
     if args.labels:
         labels = np.load(args.labels, allow_pickle=False)
-    options = dict(_parse_option(o) for o in args.option)
+    options = dict(_parse_option(option) for option in args.option)
     out = pathlib.Path(args.out)
     result = idjax.profile(args.path, labels, workdir=out, name=args.name or pathlib.Path(args.path).name,
                            **options)

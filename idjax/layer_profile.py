@@ -238,24 +238,22 @@ class Profile:
 
     def save(self, directory: PathLike) -> pathlib.Path:
         """Writes results.json and profile.npz (the pipeline's names) atomically; returns the directory."""
-        from idjax.files import atomic_save_npz, atomic_write_json
-
+        files = import_pipeline("experiments.files")
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_npz(directory / "profile.npz", **self.arrays)
-        atomic_write_json(directory / "results.json", {**self.summary, "layer_names": self.layer_names},
-                          checksum=True)
+        files.atomic_save_npz(directory / "profile.npz", **self.arrays)
+        files.atomic_write_json(directory / "results.json", {**self.summary, "layer_names": self.layer_names},
+                                checksum=True)
         return directory
 
     @classmethod
     def load(cls, directory: PathLike) -> Profile:
         """Reads a profile saved by `save` or written by the pipeline (`launch.py`) into `directory`."""
-        from idjax.files import load_npz, read_json
-
+        files = import_pipeline("experiments.files")
         directory = pathlib.Path(directory)
         fix = f"re-run the profile that wrote {directory}"
-        summary = read_json(directory / "results.json", fix=fix)  # checksums verified
-        arrays = load_npz(directory / "profile.npz", fix=fix)
+        summary = files.read_json(directory / "results.json", fix=fix)  # checksums verified
+        arrays = files.load_npz(directory / "profile.npz", fix=fix)
         names = summary.get("layer_names") or [str(i) for i in range(len(arrays["id"]))]
         return cls(summary, arrays, names)
 

@@ -57,14 +57,14 @@ def label_overlap(indices, labels, k: int, *, weighted: bool = False, per_point:
     """
     idx = _check_indices(indices, k)
     codes = validation.as_labels(labels, idx.shape[0])
-    per = label_overlap_per_point(idx, jnp.asarray(codes))
+    fractions = label_overlap_per_point(idx, jnp.asarray(codes))
     if per_point:
-        return np.asarray(per)
+        return np.asarray(fractions)
     if not weighted:
-        return float(jnp.mean(per))
+        return float(jnp.mean(fractions))
     counts = np.bincount(codes)
     weights = 1.0 / counts[codes]
-    return float(np.sum(np.asarray(per, np.float64) * weights) / np.sum(weights))
+    return float(np.sum(np.asarray(fractions, np.float64) * weights) / np.sum(weights))
 
 
 @jax.jit
@@ -91,5 +91,5 @@ def data_overlap(indices_a, indices_b, k: int, *, per_point: bool = False):
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"indices_a has {a.shape[0]} points but indices_b has {b.shape[0]}; they must "
                          "describe the same points")
-    per = data_overlap_per_point(a, b)
-    return np.asarray(per) if per_point else float(jnp.mean(per))
+    overlaps = data_overlap_per_point(a, b)
+    return np.asarray(overlaps) if per_point else float(jnp.mean(overlaps))

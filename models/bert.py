@@ -241,14 +241,14 @@ def hf_conversion_rules(config: BertConfig, prefix: str = "") -> dict[tuple[str,
 
     `prefix` is "" for a bare `BertModel` save (all-MiniLM-L6-v2) or "bert." for task-model saves.
     """
-    t, ident = checkpoints.transpose, checkpoints.identity
-    e = f"{prefix}embeddings."
+    transpose, identity = checkpoints.transpose, checkpoints.identity
+    embeddings = f"{prefix}embeddings."
     rules: dict[tuple[str, ...], tuple[str, Any]] = {
-        ("embeddings", "word_embeddings", "embedding"): (e + "word_embeddings.weight", ident),
-        ("embeddings", "position_embeddings", "embedding"): (e + "position_embeddings.weight", ident),
-        ("embeddings", "token_type_embeddings", "embedding"): (e + "token_type_embeddings.weight", ident),
-        ("embeddings", "LayerNorm", "scale"): (e + "LayerNorm.weight", ident),
-        ("embeddings", "LayerNorm", "bias"): (e + "LayerNorm.bias", ident),
+        ("embeddings", "word_embeddings", "embedding"): (embeddings + "word_embeddings.weight", identity),
+        ("embeddings", "position_embeddings", "embedding"): (embeddings + "position_embeddings.weight", identity),
+        ("embeddings", "token_type_embeddings", "embedding"): (embeddings + "token_type_embeddings.weight", identity),
+        ("embeddings", "LayerNorm", "scale"): (embeddings + "LayerNorm.weight", identity),
+        ("embeddings", "LayerNorm", "bias"): (embeddings + "LayerNorm.bias", identity),
     }
     dense = {
         "query": "attention.self.query",
@@ -260,14 +260,14 @@ def hf_conversion_rules(config: BertConfig, prefix: str = "") -> dict[tuple[str,
     }
     norms = {"attention_LayerNorm": "attention.output.LayerNorm", "output_LayerNorm": "output.LayerNorm"}
     for i in range(config.num_layers):
-        hf = f"{prefix}encoder.layer.{i}."
-        ours = f"layer_{i}"
+        hf_layer = f"{prefix}encoder.layer.{i}."
+        flax_layer = f"layer_{i}"
         for name, key in dense.items():
-            rules[(ours, name, "kernel")] = (hf + key + ".weight", t)  # torch Linear is [out, in]
-            rules[(ours, name, "bias")] = (hf + key + ".bias", ident)
+            rules[(flax_layer, name, "kernel")] = (hf_layer + key + ".weight", transpose)  # torch Linear is [out, in]
+            rules[(flax_layer, name, "bias")] = (hf_layer + key + ".bias", identity)
         for name, key in norms.items():
-            rules[(ours, name, "scale")] = (hf + key + ".weight", ident)
-            rules[(ours, name, "bias")] = (hf + key + ".bias", ident)
+            rules[(flax_layer, name, "scale")] = (hf_layer + key + ".weight", identity)
+            rules[(flax_layer, name, "bias")] = (hf_layer + key + ".bias", identity)
     return rules
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from idjax.files import atomic_write_json
+from experiments.files import atomic_write_json
 
 PathLike = str | os.PathLike
 
@@ -28,6 +28,14 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
+
+
+def unwrap_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The params tree, given either that tree or Flax's variables dict {"params": tree, ...}.
+
+    Every family accepts both forms; no family has a submodule named "params", so the key is unambiguous.
+    """
+    return params["params"] if "params" in params else params
 
 
 class HFConfig(dict):
@@ -276,12 +284,6 @@ def convert_state_dict(
     if problems:
         raise CheckpointError("checkpoint does not match the model; " + "; ".join(problems))
     return params
-
-
-def unwrap_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The params tree, given either it or a variables dict {"params": tree, ...} (no family names a
-    module "params", so the key is unambiguous)."""
-    return params["params"] if "params" in params else params
 
 
 def save_orbax(path: PathLike, params: Any, metadata: Mapping[str, Any] | None = None) -> None:

@@ -335,22 +335,22 @@ def param_shapes(config: IGPTConfig) -> dict:
 
 def hf_conversion_rules(config: IGPTConfig, prefix: str = "") -> dict[tuple[str, ...], tuple[str, Any]]:
     """Flax param path -> (HF key, transform). HF Conv1D weights are already [in, out]: no transpose."""
-    ident, tr = checkpoints.identity, checkpoints.transpose
+    identity, transpose = checkpoints.identity, checkpoints.transpose
     rules = {
-        ("wte", "embedding"): (f"{prefix}wte.weight", ident),
-        ("wpe", "embedding"): (f"{prefix}wpe.weight", ident),
-        ("ln_f", "scale"): (f"{prefix}ln_f.weight", ident),
+        ("wte", "embedding"): (f"{prefix}wte.weight", identity),
+        ("wpe", "embedding"): (f"{prefix}wpe.weight", identity),
+        ("ln_f", "scale"): (f"{prefix}ln_f.weight", identity),
     }
     for i in range(config.n_layer):
-        hf, fx = f"{prefix}h.{i}.", f"h_{i}"
-        rules[(fx, "ln_1", "scale")] = (hf + "ln_1.weight", ident)
-        rules[(fx, "ln_2", "scale")] = (hf + "ln_2.weight", ident)
-        for sub in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
-            name = hf + ".".join(sub)
-            rules[(fx, *sub, "kernel")] = (name + ".weight", ident)
-            rules[(fx, *sub, "bias")] = (name + ".bias", ident)
+        hf_block, flax_block = f"{prefix}h.{i}.", f"h_{i}"
+        rules[(flax_block, "ln_1", "scale")] = (hf_block + "ln_1.weight", identity)
+        rules[(flax_block, "ln_2", "scale")] = (hf_block + "ln_2.weight", identity)
+        for module in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+            name = hf_block + ".".join(module)
+            rules[(flax_block, *module, "kernel")] = (name + ".weight", identity)
+            rules[(flax_block, *module, "bias")] = (name + ".bias", identity)
     if config.lm_head:
-        rules[("lm_head", "kernel")] = ("lm_head.weight", tr)  # nn.Linear: [out, in]
+        rules[("lm_head", "kernel")] = ("lm_head.weight", transpose)  # nn.Linear: [out, in]
     return rules
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idjax.files import atomic_save_npy
+from experiments.files import atomic_save_npy
 
 PathLike = str | os.PathLike
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from models.checkpoints import CheckpointError, PathLike
+from models.protein_tokenizer import round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,19 +102,19 @@ def encode_batch(
     if isinstance(texts, str):
         raise TypeError("encode_batch takes a sequence of strings, not one string")
     encodings = tok.tokenizer.encode_batch(list(texts))
-    longest = max((len(e.ids) for e in encodings), default=0)
-    t = longest if length is None else length
-    if t < longest:
+    longest = max((len(encoding.ids) for encoding in encodings), default=0)
+    width = longest if length is None else length
+    if width < longest:
         raise ValueError(f"length={length} is shorter than the longest encoding ({longest} tokens)")
     if pad_to_multiple_of:
-        t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
-    b = len(encodings)
-    ids = np.full((b, t), tok.pad_id, np.int32)
-    mask = np.zeros((b, t), np.int32)
-    types = np.full((b, t), tok.pad_type_id, np.int32)
-    for i, e in enumerate(encodings):
-        n = len(e.ids)
-        ids[i, :n] = e.ids
-        mask[i, :n] = 1
-        types[i, :n] = e.type_ids
+        width = round_up(width, pad_to_multiple_of)
+    shape = (len(encodings), width)
+    ids = np.full(shape, tok.pad_id, np.int32)
+    mask = np.zeros(shape, np.int32)
+    types = np.full(shape, tok.pad_type_id, np.int32)
+    for row, encoding in enumerate(encodings):
+        n = len(encoding.ids)
+        ids[row, :n] = encoding.ids
+        mask[row, :n] = 1
+        types[row, :n] = encoding.type_ids
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: where ../shared/data lives, and whether its absence is an error."""
+"""Shared pytest fixtures: where $IDJAX_SHARED_DATA lives, and whether its absence is an error."""
 
 import os
 import pathlib

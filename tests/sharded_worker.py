@@ -83,12 +83,12 @@ def run_multiprocess(args, results: dict) -> None:
 
     data = np.load(args.data)
     x, labels = data["x"], data["labels"]
-    me, count = jax.process_index(), jax.process_count()
+    process, count = jax.process_index(), jax.process_count()
     results["device_count"] = jax.device_count()
     results["local_device_count"] = jax.local_device_count()
     # Uneven chunks: process p holds rows [cuts[p], cuts[p + 1]), the first process a few more.
     cuts = [0] + [(p + 1) * x.shape[0] // count + (7 if p + 1 < count else 0) for p in range(count)]
-    rows = sharded.shard_rows(x[cuts[me]: cuts[me + 1]])
+    rows = sharded.shard_rows(x[cuts[process]: cuts[process + 1]])
     assert rows.points.is_fully_addressable is False
     for k in args.k:
         nbrs = sharded.knn_sharded(rows, k)

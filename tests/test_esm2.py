@@ -115,9 +115,10 @@ def ours(config, params, tokens):
 
 def max_errors(a, b):
     """Max-abs error per hidden state and for the logits: (list, float)."""
-    (ha, la), (hb, lb) = a, b
-    assert len(ha) == len(hb)
-    return [float(np.abs(x - y).max()) for x, y in zip(ha, hb, strict=True)], float(np.abs(la - lb).max())
+    (hidden_a, logits_a), (hidden_b, logits_b) = a, b
+    assert len(hidden_a) == len(hidden_b)
+    return ([float(np.abs(x - y).max()) for x, y in zip(hidden_a, hidden_b, strict=True)],
+            float(np.abs(logits_a - logits_b).max()))
 
 
 def assert_parity(a, b, tol=TOL):

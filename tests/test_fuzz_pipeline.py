@@ -30,8 +30,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import base, train_igpt_tiny
-from experiments import extract, profile, store, train
-from idjax import files
+from experiments import extract, files, profile, store, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N, BATCH, DIMS, WIDTH = 90, 30, (3, 6, 4), 64  # 3 batches; 3 layers of intrinsic dimension 3, 6, 4
@@ -105,12 +104,12 @@ def _comparable(results: dict) -> dict:
 def reference(tmp_path_factory):
     """An uninterrupted run: (workdir, its layers, labels, ids, results)."""
     workdir = tmp_path_factory.mktemp("reference")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(extract, "build_encoder", fake_build_encoder)
+    patches = pytest.MonkeyPatch()
+    patches.setattr(extract, "build_encoder", fake_build_encoder)
     try:
         results = run_pipeline(workdir)
     finally:
-        mp.undo()
+        patches.undo()
     reps = store.load(store.store_dir(workdir), mmap=False)
     return workdir, [np.array(x) for x in reps.layers], reps.labels, reps.ids, results
 
@@ -137,8 +136,8 @@ def damage(path: pathlib.Path, how: str, source: pathlib.Path | None) -> None:
     if how == "truncate":
         path.write_bytes(data[: len(data) // 2])
     elif how == "flip":
-        at = len(data) * 2 // 3
-        path.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :])
+        flipped = len(data) * 2 // 3
+        path.write_bytes(data[:flipped] + bytes([data[flipped] ^ 0x01]) + data[flipped + 1 :])
     else:  # another stored file copied over this one
         shutil.copyfile(source, path)
 
@@ -150,19 +149,19 @@ def follow_the_fix(message: str, damaged: pathlib.Path) -> None:
     shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-R = "representations"
+STORE = "representations"
 # artefact -> (the file copied over it, the stage it is damaged at)
 ARTEFACTS = {
-    f"{R}/plan.json": (f"{R}/batches/00000.npz", "partial"),
-    f"{R}/batches/00001.npz": (f"{R}/batches/00000.npz", "partial"),
-    f"{R}/layer_001.npy": (f"{R}/layer_000.npy", "store"),
-    f"{R}/labels.npy": (f"{R}/layer_000.npy", "store"),
-    f"{R}/ids.json": (f"{R}/manifest.json", "store"),
-    f"{R}/manifest.json": (f"{R}/plan.json", "store"),
+    f"{STORE}/plan.json": (f"{STORE}/batches/00000.npz", "partial"),
+    f"{STORE}/batches/00001.npz": (f"{STORE}/batches/00000.npz", "partial"),
+    f"{STORE}/layer_001.npy": (f"{STORE}/layer_000.npy", "store"),
+    f"{STORE}/labels.npy": (f"{STORE}/layer_000.npy", "store"),
+    f"{STORE}/ids.json": (f"{STORE}/manifest.json", "store"),
+    f"{STORE}/manifest.json": (f"{STORE}/plan.json", "store"),
     # A damaged cache entry is recomputed (with a warning naming it), never read: the "correct result" outcome.
     "profile_layers/layer_001_ids.npz": ("profile_layers/layer_000_ids.npz", "profile"),
     "profile_layers/layer_001_graph.npz": ("profile_layers/layer_000_graph.npz", "profile"),
-    "results.json": (f"{R}/manifest.json", "output"),
+    "results.json": (f"{STORE}/manifest.json", "output"),
     "profile.npz": ("profile_layers/layer_000_ids.npz", "output"),
 }
 
@@ -269,7 +268,7 @@ def test_sigkill_at_each_stage_then_rerun_equals_an_uninterrupted_run(where, ref
             profile.layer_metrics = layer_metrics
         """,
     }[where]
-    _child(f"import os, signal, pathlib\nfrom experiments import profile\nfrom idjax import files\n"
+    _child(f"import os, signal, pathlib\nfrom experiments import files, profile\n"
            f"{textwrap.dedent(patch)}\nt.run_pipeline(pathlib.Path({str(workdir)!r}))\n")
     run_pipeline(workdir)
     assert_same_as_reference(workdir, reference)
@@ -351,8 +350,9 @@ def test_full_disk_on_a_real_small_filesystem(reference, tmp_path):
 
 
 def _hold_lock(workdir: pathlib.Path) -> subprocess.Popen:
-    code = (f"import pathlib, time\nfrom idjax import files\nwith files.workdir_lock(pathlib.Path({str(workdir)!r}), "
-            "'train'):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    code = (f"import pathlib, time\nfrom experiments import files\n"
+            f"with files.workdir_lock(pathlib.Path({str(workdir)!r}), 'train'):\n"
+            "    print('held', flush=True)\n    time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -367,7 +367,7 @@ def test_a_second_process_on_a_workdir_is_refused_naming_the_holder(reference, t
                     lambda: train.train(_train_config(), workdir)):
             with pytest.raises(files.WorkdirBusyError, match=rf"pid {holder.pid} on host .*train, started 20"):
                 job()
-        assert not (workdir / R).exists()  # nothing was touched
+        assert not (workdir / STORE).exists()  # nothing was touched
     finally:
         holder.kill()  # SIGKILL: the kernel releases the lock, nothing stale is left
         holder.wait()
@@ -388,8 +388,8 @@ def test_the_lock_is_reentrant_within_a_process_and_released_after(tmp_path):
 
 @pytest.mark.slow
 def test_a_renamed_or_relatively_named_workdir_resumes(tmp_path, monkeypatch):
-    """iGPT with a palette fitted into the workdir: the plan used to record the palette's path, so a moved
-    workdir (or a relative --workdir) was refused as "a partial extraction of something else"."""
+    """iGPT with a palette fitted into the workdir: the plan records the palette's content, not its path, so
+    a moved workdir (or a relative --workdir) resumes instead of being refused as another extraction."""
     monkeypatch.undo()  # the real model
     from tests.test_pipeline import counting_encoder, tiny_igpt_config
 
@@ -552,7 +552,7 @@ def test_every_checkpoint_damaged_is_an_error_naming_the_directory(tmp_path):
 
 @pytest.mark.slow
 def test_two_trainers_on_one_workdir_then_sigkill_during_an_async_checkpoint(train_reference, tmp_path):
-    """A second trainer exits naming the first (both used to fail on Orbax's commit files). The first is
+    """A second trainer exits naming the first (without the lock both would fail on Orbax's commit files). The first is
     then SIGKILLed right after handing the step-8 checkpoint to Orbax's background writer; whether or not
     that save committed, the rerun equals an uninterrupted run."""
     workdir = tmp_path / "run"

@@ -12,7 +12,7 @@ import pytest
 from experiments import image_datasets as D
 from models import palette as P
 
-# Facts from ../shared/data/SOURCES.md (MNIST first labels: the canonical t10k order).
+# Facts from $IDJAX_SHARED_DATA/SOURCES.md (MNIST first labels: the canonical t10k order).
 MNIST_T10K_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 MNIST_T10K_FIRST = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 CIFAR_TRAIN_COUNTS = [396, 366, 420, 384, 422, 393, 414, 385, 407, 413]

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from experiments import extract, profile, store
-from idjax import files
+from experiments import extract, files, profile, store
 from models import registry
 from tests.conftest import REPO_ROOT
 

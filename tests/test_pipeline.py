@@ -7,9 +7,8 @@ import pytest
 
 import idjax
 from configs import base
-from experiments import datasets, extract, profile, store
+from experiments import datasets, extract, files, profile, store
 from experiments.synthetic import manifold
-from idjax import files
 from idjax.selection import select_layer
 from tests.neighbour_checks import assert_same_neighbours
 

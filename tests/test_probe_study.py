@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from configs import base, probe_study, train_esm2_tiny, train_igpt_tiny
+from experiments import files, store, train, train_data
 from experiments import probe_study as study
-from experiments import store, train, train_data
-from idjax import files
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow

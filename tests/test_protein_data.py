@@ -1,4 +1,4 @@
-"""Protein FASTA readers (facts from ../shared/data/SOURCES.md) and the ESM tokenizer / batcher."""
+"""Protein FASTA readers (facts from $IDJAX_SHARED_DATA/SOURCES.md) and the ESM tokenizer / batcher."""
 
 import collections
 import gzip
