@@ -199,16 +199,18 @@ def _around_the_ring(visit, state, block: jax.Array, block_ids: jax.Array, *, ax
     Returns the final state.
     """
     me = jax.lax.axis_index(axis_name)
-    ring = [(j, (j - 1) % n_dev) for j in range(n_dev)]
-
-    def step(s, carry):
-        state, block, block_ids = carry
-        next_block = jax.lax.ppermute(block, axis_name, ring)
-        next_ids = jax.lax.ppermute(block_ids, axis_name, ring)
-        return visit(state, block, block_ids, (me + s) % n_dev), next_block, next_ids
-
+    step = functools.partial(_ring_step, visit=visit, me=me, axis_name=axis_name, n_dev=n_dev)
     state, block, block_ids = jax.lax.fori_loop(0, n_dev - 1, step, (state, block, block_ids))
     return visit(state, block, block_ids, (me + n_dev - 1) % n_dev)
+
+
+def _ring_step(step, carry, *, visit, me, axis_name: str, n_dev: int):
+    """One step of `_around_the_ring`: send the held block on, then visit it."""
+    state, block, block_ids = carry
+    ring = [(j, (j - 1) % n_dev) for j in range(n_dev)]  # device j sends its block to j - 1
+    next_block = jax.lax.ppermute(block, axis_name, ring)
+    next_ids = jax.lax.ppermute(block_ids, axis_name, ring)
+    return visit(state, block, block_ids, (me + step) % n_dev), next_block, next_ids
 
 
 def _screen_tile(tile, lists, block_key, block_ids, owner, *, query_key, query_ids, me, n_local: int, block: int,
