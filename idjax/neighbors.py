@@ -78,12 +78,14 @@ def plan_knn(n: int, dim: int, k: int, *, devices: int = 1, memory_bytes: int | 
                  passes and the re-ranking buffers, 12 rows s words);
       per block: for each of its query rows, the (1, columns) score row and two transient copies of it
                  (3 columns words), its gathered candidate rows and their differences for the exact
-                 re-ranking (2 s D words) and its candidate lists (4 s words).
+                 re-ranking (2 s D words) and its candidate lists (4 s words). The re-ranking term is
+                 a whole block's candidates, what accelerators gather at once; on CPU (`rerank_rows`)
+                 and on the ring (chunks of at most one block's candidates) it is an upper bound.
     The block is the largest multiple of 8 in [8, 4096] whose working set fits
     min(memory_budget_bytes, usable memory - fixed), where usable is half the device memory (the rest
     of the program keeps room), then balanced: rows are cut into ceil(rows / block) equal blocks
     (rounded up to a multiple of 8), so the last block is not mostly padding. An explicit `block_size`
-    replaces the first step (it is used as given, balanced the same way).
+    replaces the first step (the cap, rounded down to a multiple of 8; balanced the same way).
 
     Raises:
       MemoryError naming the sizes and what would fit (fewer points, or more devices).
@@ -322,7 +324,7 @@ def knn(
       y: optional (M, D) reference set; if given, neighbours of each x row are searched among y and
         nothing is excluded. If absent, neighbours are searched in x itself and each point is excluded
         from its own list by index (so an exact duplicate appears as a neighbour at distance 0).
-      block_size: query rows per block; default from `memory_budget_bytes`.
+      block_size: at most this many query rows per block (see `plan_knn`); default from `memory_budget_bytes`.
       memory_budget_bytes: bound on the working set of one block (default 512 MiB).
 
     Returns:

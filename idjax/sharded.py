@@ -412,7 +412,8 @@ def knn_sharded(
       k: number of neighbours (1 <= k <= N - 1); each point is excluded from its own list by index.
       mesh: device mesh (default: a 1-D mesh over all devices); rows are sharded over `axis_name`
         and replicated over any other axes.
-      block_size: local query rows per distance tile; default from `memory_budget_bytes`.
+      block_size: at most this many local query rows per distance tile (see `idjax.plan_knn`); default
+        from `memory_budget_bytes`.
       memory_budget_bytes: bound on one tile's working set (default 512 MiB, as `idjax.knn`).
 
     Returns:
