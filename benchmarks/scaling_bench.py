@@ -57,12 +57,11 @@ def child(args) -> None:
 
     x = _data(args.n, args.d)
     before = _current_rss_bytes()
+    formula = neighbors.plan_knn(args.n, args.d, args.k, devices=jax.device_count()).bytes_per_device
     if args.mode == "single":
         run = lambda: idjax.knn(x, args.k)
-        formula = neighbors.plan_knn(args.n, args.d, args.k).bytes_per_device
     else:
         run = lambda: sharded.knn_sharded(x, args.k)
-        formula = sharded.memory_per_device(args.n, args.d, args.k, jax.device_count())
     t0 = time.perf_counter()
     out = run()
     jax.block_until_ready(out)

@@ -45,6 +45,7 @@ from idjax.neighbors import (
     compute_dtype,
     find_duplicates,
     knn,
+    knn_in_blocks,
     prepare_points,
 )
 
@@ -437,17 +438,13 @@ def _twonn_on_subsets(subsets: jax.Array, *, method: str, fraction: float) -> np
 def _two_nearest_dense(subsets: jax.Array) -> jax.Array:
     """(R, S, D) -> (R, S, 2): distances to the two nearest other points of the same subset.
 
-    GEMM-form screening of a few candidates, then exact re-ranking, as in `idjax.knn`.
+    `idjax.knn`'s kernel with each subset as one block, vmapped over the subsets (one compilation for
+    many small searches, where a blocked search per subset would compile and launch R times).
     """
     size = subsets.shape[1]
-    sq = jnp.sum(subsets * subsets, axis=-1)
-    dots = jnp.einsum("rsd,rtd->rst", subsets, subsets, precision=jax.lax.Precision.HIGHEST)
-    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * dots
-    d2 = jnp.where(jnp.eye(size, dtype=bool)[None], jnp.inf, d2)
-    _, candidates = jax.lax.top_k(-d2, min(2 + EXTRA_CANDIDATES, size - 1))
-    picked = jax.vmap(lambda pts, idx: pts[idx])(subsets, candidates)  # (R, S, C, D)
-    exact = jnp.sort(jnp.sum((subsets[:, :, None, :] - picked) ** 2, axis=-1), axis=-1)
-    return jnp.sqrt(exact[..., :2])
+    one_subset = functools.partial(knn_in_blocks, k=2, k_search=min(2 + EXTRA_CANDIDATES, size - 1),
+                                   block_size=size, exclude_self=True, rerank_rows=0)
+    return jax.vmap(lambda points: one_subset(points, points)[0])(subsets)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

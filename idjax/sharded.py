@@ -1,25 +1,27 @@
 """Exact kNN across devices and hosts: query rows sharded over a device mesh, key blocks passed around a ring.
 
 Each of the P devices on the mesh axis holds n_local = ceil(N / P) rows (padding rows are masked by
-a global-index vector that travels with them). The key blocks go around the ring twice
-(`lax.ppermute` to the ring neighbour, issued before each step's compute so the transfer can
-overlap it):
-  1. screening: at each visit a device computes the GEMM form ||q||^2 + ||r||^2 - 2 q.r of its
-     queries against the block, tile by tile, and merges it into a running top-(k + EXTRA_CANDIDATES)
-     list with one `lax.top_k` over [running, tile] (a wide tile first selects its own best with
-     `idjax.neighbors.smallest_columns`; entries above the running list's last are hidden);
-  2. exact re-ranking: the candidates are bucketed by the device that owns their rows (one integer
-     sort) and, when that block visits, get the exact difference form sum((q - r)^2), chunk by chunk,
-     so every candidate row is gathered once; a last top_k orders them by (distance, global index).
+a global-index vector that travels with them). The steps are `idjax.knn`'s, from the same functions in
+`idjax.neighbors`; only where the references live differs. The blocks go around the ring twice
+(`lax.ppermute` to the ring neighbour, issued before each step's compute so the transfer can overlap it):
+  1. screening: queries and references are centred on `screening_centre` of all N points (one global
+     sum) and put in `query_keys`/`reference_keys` form; the reference key blocks travel, and at each
+     visit a device computes `screening_scores` (the GEMM form |r|^2 - 2 q.r at the highest precision)
+     of its queries against the block, tile by tile, and merges them into a running
+     top-(k + EXTRA_CANDIDATES) list with one `lax.top_k` over [running, tile] (a wide tile first selects
+     its own best with `smallest_columns`; entries above the running list's last are hidden);
+  2. exact re-ranking: the original blocks travel; the candidates are bucketed by the device that owns
+     their rows (one integer sort) and, when that block visits, get `exact_sq_distances` (the difference
+     form on the original coordinates), chunk by chunk, so every candidate row is gathered once;
+     `nearest_by_exact_distance` orders them by (distance, global index).
 Self is excluded by global index, so a duplicate of a point is a neighbour at distance 0, as in
-`idjax.knn`. Memory per device is O(N/P (N/P + k)) plus one chunk: the local rows, the visiting
-block and its incoming copy, one (tile, n_local) distance tile (local queries are blocked so it fits
-`memory_budget_bytes`), the candidate lists, and one chunk of gathered rows.
+`idjax.knn` (which makes room for the point itself with one extra candidate instead: on the ring a
+mask by index is needed anyway for the padding rows). Block sizes and the memory per device come from
+`idjax.plan_knn` with devices=P, the same formula as on one device: O(N/P (N/P + k D)) per device.
 
 Results equal `idjax.knn` (same screening, same exact re-ranking and (distance, index) order): exactly
 on data without float ties, and also with exact ties whenever the distances are computed exactly
-(e.g. integer-valued data). Ties are broken by stored position, which ascends with the global index
-on the default mesh (devices in `jax.devices()` order, process-major).
+(e.g. integer-valued data).
 
 Inputs accepted by `knn_sharded` (the same code runs on one host and, after
 `jax.distributed.initialize`, on many):
@@ -53,11 +55,19 @@ from jax.sharding import PartitionSpec as P
 
 from idjax import validation
 from idjax.neighbors import (
-    DEFAULT_MEMORY_BUDGET_BYTES,
     EXTRA_CANDIDATES,
     GROUP_SIZE,
     Neighbors,
+    balanced_block,
     compute_dtype,
+    device_memory_bytes,
+    exact_sq_distances,
+    nearest_by_exact_distance,
+    plan_knn,
+    query_keys,
+    reference_keys,
+    screening_centre,
+    screening_scores,
     smallest_columns,
 )
 
@@ -175,93 +185,143 @@ def shard_rows(local_rows, *, mesh: Mesh | None = None, axis_name: str = "data")
     return ShardedRows(points, id_array, positions, exponent)
 
 
-def _ring_kernel(x_local, id_local, *, axis_name: str, n_dev: int, k: int, k_search: int, block: int, chunk: int):
-    """Per-device body of the ring search: (n_local, D), (n_local,) -> (n_local, k), (n_local, k).
+def _varying(a: jax.Array, axis_name: str) -> jax.Array:
+    """Marks a per-device value created inside shard_map (a constant) as varying over the ring axis,
+    so it can be a loop carry next to values that do."""
+    return jax.lax.pcast(a, axis_name, to="varying")
 
-    Pass 1 (screening): the key blocks go once around the ring; each visit merges the block's GEMM-form
-    distances into the running top-k_search by one top_k over [running, block] per query tile.
-    Candidates are tracked by padded position (owner * n_local + row), which ascends with the global
-    index. top_k breaks ties by lower position, so to keep the running lists in (distance, position)
-    order two lists are kept: blocks owned by lower devices (visited after the ring wraps) and the
-    rest; they are merged lower-first at the end.
-    Pass 2 (exact re-ranking): the blocks go around again; the candidates, bucketed by owner with one
-    integer sort, get sum((q - r)^2) from the visiting block in chunks, so each candidate row is
-    gathered once. A final top_k over each query's candidates, laid out by ascending position, orders
-    them by (exact distance, global index), as `idjax.knn` does.
+
+def _around_the_ring(visit, state, block: jax.Array, block_ids: jax.Array, *, axis_name: str, n_dev: int):
+    """Calls visit(state, block, block_ids, owner) for the block of every device, starting with this one's.
+
+    Device j sends the block it holds to j - 1, so at step s this device holds device (me + s)'s block.
+    The next block is sent before the current one is used, so the transfer can overlap the compute.
+    Returns the final state.
+    """
+    me = jax.lax.axis_index(axis_name)
+    step = functools.partial(_ring_step, visit=visit, me=me, axis_name=axis_name, n_dev=n_dev)
+    state, block, block_ids = jax.lax.fori_loop(0, n_dev - 1, step, (state, block, block_ids))
+    return visit(state, block, block_ids, (me + n_dev - 1) % n_dev)
+
+
+def _ring_step(step, carry, *, visit, me, axis_name: str, n_dev: int):
+    """One step of `_around_the_ring`: send the held block on, then visit it."""
+    state, block, block_ids = carry
+    ring = [(j, (j - 1) % n_dev) for j in range(n_dev)]  # device j sends its block to j - 1
+    next_block = jax.lax.ppermute(block, axis_name, ring)
+    next_ids = jax.lax.ppermute(block_ids, axis_name, ring)
+    return visit(state, block, block_ids, (me + step) % n_dev), next_block, next_ids
+
+
+def _screen_tile(tile, lists, block_key, block_ids, owner, *, query_key, query_ids, me, n_local: int, block: int,
+                 k_search: int):
+    """Merges one tile of `block` local queries' screening scores against a visiting block into the
+    running lists (see `_screen_visit`)."""
+    start = tile * block
+    qk = jax.lax.dynamic_slice_in_dim(query_key, start, block)
+    qid = jax.lax.dynamic_slice_in_dim(query_ids, start, block)
+    old = [jax.lax.dynamic_slice_in_dim(a, start, block) for a in lists]
+    use_lo = owner < me
+    cur_d = jnp.where(use_lo, old[0], old[2])
+    cur_p = jnp.where(use_lo, old[1], old[3])
+    scores = screening_scores(qk, block_key)
+    # Padding keys (id -1) and self (same global id) never count: by index, not by position.
+    scores = jnp.where((block_ids[None, :] < 0) | (block_ids[None, :] == qid[:, None]), jnp.inf, scores)
+    # Nothing above the running list's last entry can enter it (an equal one loses the tie to the
+    # earlier position); hiding those entries makes the heap-based CPU top_k much cheaper.
+    scores = jnp.where(scores <= cur_d[:, -1:], scores, jnp.inf)
+    if scores.shape[1] >= WIDE_TILE_GROUPS * GROUP_SIZE * k_search:
+        # A wide tile first gives up its own best k_search (grouped exact selection, ties to the lower
+        # column), so the merge below is one small top_k.
+        tile_cols = smallest_columns(scores, k_search)
+        scores = jnp.take_along_axis(scores, tile_cols, axis=1)
+    else:
+        tile_cols = None
+    both = jnp.concatenate([cur_d, scores], axis=1)
+    _, sel = jax.lax.top_k(-both, k_search)
+    new_d = jnp.take_along_axis(both, sel, axis=1)
+    kept = jnp.take_along_axis(cur_p, jnp.minimum(sel, k_search - 1), axis=1)
+    from_tile = jnp.maximum(sel - k_search, 0)
+    if tile_cols is not None:
+        from_tile = jnp.take_along_axis(tile_cols, jnp.minimum(from_tile, k_search - 1), axis=1)
+    new_p = jnp.where(sel < k_search, kept, owner * n_local + from_tile)
+    updated = [jnp.where(use_lo, new_d, old[0]), jnp.where(use_lo, new_p, old[1]),
+               jnp.where(use_lo, old[2], new_d), jnp.where(use_lo, old[3], new_p)]
+    return tuple(jax.lax.dynamic_update_slice_in_dim(a, u, start, axis=0) for a, u in zip(lists, updated, strict=True))
+
+
+def _screen_visit(lists, block_key, block_ids, owner, *, n_tiles: int, **tile_args):
+    """Screening of all local queries against one visiting block, tile by tile.
+
+    lists: (lo_d, lo_p, hi_d, hi_p), each (rows, k_search): the running best screening scores and
+    padded positions (owner * n_local + row, which ascends with the global index) of candidates from
+    blocks owned by lower devices (visited after the ring wraps) and from the rest. top_k breaks ties by
+    lower position, so keeping the two apart keeps each in (score, position) order; they are merged
+    lower-first at the end.
+    """
+    tile = functools.partial(_screen_tile, block_key=block_key, block_ids=block_ids, owner=owner, **tile_args)
+    if n_tiles == 1:
+        return tile(0, lists)
+    return jax.lax.fori_loop(0, n_tiles, tile, lists)
+
+
+def _rerank_chunk(state, keys, key_ids, owner, *, slots, flat_pos, queries, n_local: int, k_search: int,
+                  chunk: int, stop):
+    """Exact squared distances of one chunk of candidates owned by `owner`, written at their sorted slots."""
+    c, exact_sorted, ids_sorted = state
+    f = jax.lax.dynamic_slice_in_dim(slots, c, chunk)
+    valid = c + jnp.arange(chunk, dtype=jnp.int32) < stop
+    key_row = jnp.clip(flat_pos[f] - owner * n_local, 0, n_local - 1)
+    exact = jax.vmap(exact_sq_distances, in_axes=(0, None, 0))(queries[f // k_search], keys, key_row[:, None])[:, 0]
+    old_e = jax.lax.dynamic_slice_in_dim(exact_sorted, c, chunk)
+    old_i = jax.lax.dynamic_slice_in_dim(ids_sorted, c, chunk)
+    exact_sorted = jax.lax.dynamic_update_slice_in_dim(exact_sorted, jnp.where(valid, exact, old_e), c, 0)
+    ids_sorted = jax.lax.dynamic_update_slice_in_dim(ids_sorted, jnp.where(valid, key_ids[key_row], old_i), c, 0)
+    return c + chunk, exact_sorted, ids_sorted
+
+
+def _rerank_visit(buffers, keys, key_ids, owner, *, bounds, **chunk_args):
+    """Exact re-ranking of every candidate owned by the visiting block, chunk by chunk; the candidates are
+    sorted by owner, so this owner's are slots bounds[owner] .. bounds[owner + 1] - 1."""
+    stop = bounds[owner + 1]
+    body = functools.partial(_rerank_chunk, keys=keys, key_ids=key_ids, owner=owner, stop=stop, **chunk_args)
+    _, exact_sorted, ids_sorted = jax.lax.while_loop(lambda s: s[0] < stop, body, (bounds[owner], *buffers))
+    return exact_sorted, ids_sorted
+
+
+def _ring_kernel(x_local, id_local, centre, *, axis_name: str, n_dev: int, k: int, k_search: int, block: int,
+                 chunk: int):
+    """Per-device body of the ring search: (n_local, D), (n_local,), (D,) -> (n_local, k), (n_local, k).
+
+    The same steps as `idjax.knn`, with the references spread over the ring:
+    Pass 1 (screening): queries and references centred on `centre` (`screening_centre` of all N points),
+    in `query_keys`/`reference_keys` form; the reference key blocks go once around the ring and each
+    visit merges the block's `screening_scores` into the running top-k_search by one top_k over
+    [running, tile] per query tile (`_screen_visit`).
+    Pass 2 (exact re-ranking): the original blocks go around again; the candidates, bucketed by owner
+    with one integer sort, get `exact_sq_distances` from the visiting block in chunks, so each
+    candidate row is gathered once. `nearest_by_exact_distance` then orders them by (exact distance,
+    global index), as `idjax.knn` does.
     """
     n_local, _ = x_local.shape
     dtype = x_local.dtype
     me = jax.lax.axis_index(axis_name)
-    n_blocks = -(-n_local // block)
-    rows = n_blocks * block
+    n_tiles = -(-n_local // block)
+    rows = n_tiles * block
+    ring = functools.partial(_around_the_ring, axis_name=axis_name, n_dev=n_dev)
     queries = jnp.pad(x_local, ((0, rows - n_local), (0, 0)))
     query_ids = jnp.pad(id_local, (0, rows - n_local), constant_values=-1)
-    query_sq = jnp.sum(queries * queries, axis=-1)
-    ring = [(j, (j - 1) % n_dev) for j in range(n_dev)]  # device j sends its block to j - 1
+    centred = x_local - centre
 
-    def varying(a):
-        return jax.lax.pcast(a, axis_name, to="varying")
-
-    # ---- pass 1: screening by the GEMM form.
-    def screen(lists, keys, key_ids, owner):
-        key_sq = jnp.sum(keys * keys, axis=-1)
-        use_lo = owner < me
-        base = owner * n_local
-
-        def one_block(b, lists):
-            lo_d, lo_p, hi_d, hi_p = lists
-            start = b * block
-            q = jax.lax.dynamic_slice_in_dim(queries, start, block)
-            qid = jax.lax.dynamic_slice_in_dim(query_ids, start, block)
-            q_sq = jax.lax.dynamic_slice_in_dim(query_sq, start, block)
-            old = [jax.lax.dynamic_slice_in_dim(a, start, block) for a in lists]
-            cur_d = jnp.where(use_lo, old[0], old[2])
-            cur_p = jnp.where(use_lo, old[1], old[3])
-            dots = jnp.matmul(q, keys.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype)
-            d2 = q_sq[:, None] + key_sq[None, :] - 2.0 * dots
-            # Padding keys (id -1) and self (same global id) never count: by index, not by position.
-            d2 = jnp.where((key_ids[None, :] < 0) | (key_ids[None, :] == qid[:, None]), jnp.inf, d2)
-            # Nothing above the running list's last entry can enter it (an equal one loses the tie to
-            # the earlier position); hiding those entries makes the heap-based CPU top_k much cheaper.
-            d2 = jnp.where(d2 <= cur_d[:, -1:], d2, jnp.inf)
-            if d2.shape[1] >= WIDE_TILE_GROUPS * GROUP_SIZE * k_search:
-                # A wide tile first gives up its own best k_search (grouped exact selection, ties to the
-                # lower column), so the merge below is one small top_k.
-                tile_cols = smallest_columns(d2, k_search)
-                d2 = jnp.take_along_axis(d2, tile_cols, axis=1)
-            else:
-                tile_cols = None
-            both = jnp.concatenate([cur_d, d2], axis=1)
-            _, sel = jax.lax.top_k(-both, k_search)
-            new_d = jnp.take_along_axis(both, sel, axis=1)
-            kept = jnp.take_along_axis(cur_p, jnp.minimum(sel, k_search - 1), axis=1)
-            from_tile = jnp.maximum(sel - k_search, 0)
-            if tile_cols is not None:
-                from_tile = jnp.take_along_axis(tile_cols, jnp.minimum(from_tile, k_search - 1), axis=1)
-            new_p = jnp.where(sel < k_search, kept, base + from_tile)
-            updated = [jnp.where(use_lo, new_d, old[0]), jnp.where(use_lo, new_p, old[1]),
-                       jnp.where(use_lo, old[2], new_d), jnp.where(use_lo, old[3], new_p)]
-            return tuple(jax.lax.dynamic_update_slice_in_dim(a, u, start, axis=0) for a, u in zip(lists, updated,
-                                                                                                 strict=True))
-
-        if n_blocks == 1:
-            return one_block(0, lists)
-        return jax.lax.fori_loop(0, n_blocks, one_block, lists)
-
-    empty_d = varying(jnp.full((rows, k_search), jnp.inf, dtype))
-    empty_p = varying(jnp.zeros((rows, k_search), jnp.int32))
-    lists = (empty_d, empty_p, empty_d, empty_p)
-
-    def screen_step(step, carry):
-        lists, keys, key_ids = carry
-        next_keys = jax.lax.ppermute(keys, axis_name, ring)  # in flight while this block is searched
-        next_ids = jax.lax.ppermute(key_ids, axis_name, ring)
-        return screen(lists, keys, key_ids, (me + step) % n_dev), next_keys, next_ids
-
-    lists, keys, key_ids = jax.lax.fori_loop(0, n_dev - 1, screen_step, (lists, x_local, id_local))
-    lo_d, lo_p, hi_d, hi_p = screen(lists, keys, key_ids, (me + n_dev - 1) % n_dev)
+    # ---- pass 1: screening.
+    empty_d = _varying(jnp.full((rows, k_search), jnp.inf, dtype), axis_name)
+    empty_p = _varying(jnp.zeros((rows, k_search), jnp.int32), axis_name)
+    query_key = query_keys(jnp.pad(centred, ((0, rows - n_local), (0, 0))))
+    visit = functools.partial(_screen_visit, n_tiles=n_tiles, query_key=query_key, query_ids=query_ids, me=me,
+                              n_local=n_local, block=block, k_search=k_search)
+    lo_d, lo_p, hi_d, hi_p = ring(visit, (empty_d, empty_p, empty_d, empty_p), reference_keys(centred), id_local)
     _, sel = jax.lax.top_k(-jnp.concatenate([lo_d, hi_d], axis=1), k_search)
-    positions = jnp.sort(jnp.take_along_axis(jnp.concatenate([lo_p, hi_p], axis=1), sel, axis=1), axis=1)
+    positions = jnp.take_along_axis(jnp.concatenate([lo_p, hi_p], axis=1), sel, axis=1)
 
     # ---- pass 2: exact distances of the candidates, bucketed by the device that owns their rows.
     total = rows * k_search
@@ -270,45 +330,15 @@ def _ring_kernel(x_local, id_local, *, axis_name: str, n_dev: int, k: int, k_sea
     bounds = jnp.searchsorted(order, jnp.arange(n_dev + 1, dtype=jnp.int32) * total).astype(jnp.int32)
     order = jnp.pad(order, (0, chunk), constant_values=n_dev * total)
     slots = order % total
-    exact_sorted = varying(jnp.zeros((total + chunk,), dtype))
-    ids_sorted = varying(jnp.zeros((total + chunk,), jnp.int32))
-
-    def rerank(bufs, keys, key_ids, owner):
-        stop = bounds[owner + 1]
-
-        def body(state):
-            c, exact_sorted, ids_sorted = state
-            f = jax.lax.dynamic_slice_in_dim(slots, c, chunk)
-            valid = c + jnp.arange(chunk, dtype=jnp.int32) < stop
-            key_row = jnp.clip(flat_pos[f] - owner * n_local, 0, n_local - 1)
-            diff = queries[f // k_search] - keys[key_row]
-            exact = jnp.sum(diff * diff, axis=-1)
-            old_e = jax.lax.dynamic_slice_in_dim(exact_sorted, c, chunk)
-            old_i = jax.lax.dynamic_slice_in_dim(ids_sorted, c, chunk)
-            exact_sorted = jax.lax.dynamic_update_slice_in_dim(exact_sorted, jnp.where(valid, exact, old_e), c, 0)
-            ids_sorted = jax.lax.dynamic_update_slice_in_dim(ids_sorted, jnp.where(valid, key_ids[key_row], old_i),
-                                                             c, 0)
-            return c + chunk, exact_sorted, ids_sorted
-
-        _, exact_sorted, ids_sorted = jax.lax.while_loop(lambda s: s[0] < stop, body, (bounds[owner], *bufs))
-        return exact_sorted, ids_sorted
-
-    def rerank_step(step, carry):
-        bufs, keys, key_ids = carry
-        next_keys = jax.lax.ppermute(keys, axis_name, ring)
-        next_ids = jax.lax.ppermute(key_ids, axis_name, ring)
-        return rerank(bufs, keys, key_ids, (me + step) % n_dev), next_keys, next_ids
-
-    bufs, keys, key_ids = jax.lax.fori_loop(0, n_dev - 1, rerank_step,
-                                            ((exact_sorted, ids_sorted), x_local, id_local))
-    exact_sorted, ids_sorted = rerank(bufs, keys, key_ids, (me + n_dev - 1) % n_dev)
+    buffers = (_varying(jnp.zeros((total + chunk,), dtype), axis_name),
+               _varying(jnp.zeros((total + chunk,), jnp.int32), axis_name))
+    visit = functools.partial(_rerank_visit, bounds=bounds, slots=slots, flat_pos=flat_pos, queries=queries,
+                              n_local=n_local, k_search=k_search, chunk=chunk)
+    exact_sorted, ids_sorted = ring(visit, buffers, x_local, id_local)
     exact = jnp.zeros((total,), dtype).at[slots[:total]].set(exact_sorted[:total]).reshape(rows, k_search)
     ids = jnp.zeros((total,), jnp.int32).at[slots[:total]].set(ids_sorted[:total]).reshape(rows, k_search)
-    # Candidates of a row sit in ascending position (= global index) order and top_k keeps the lower
-    # slot first among equal values, so this is the (distance, index) order of idjax.knn.
-    _, best = jax.lax.top_k(-exact, k)
-    dist = jnp.sqrt(jnp.take_along_axis(exact, best, axis=1))
-    return dist[:n_local], jnp.take_along_axis(ids, best, axis=1)[:n_local]
+    dist, idx = nearest_by_exact_distance(exact, ids, k)
+    return dist[:n_local], idx[:n_local]
 
 
 @functools.lru_cache(maxsize=64)
@@ -322,7 +352,8 @@ def _program(mesh: Mesh, axis_name: str, n: int, n_pad: int, k: int, k_search: i
     kernel = jax.shard_map(
         functools.partial(_ring_kernel, axis_name=axis_name, n_dev=n_dev, k=k, k_search=k_search, block=block,
                           chunk=chunk),
-        mesh=mesh, in_specs=(P(axis_name, None), P(axis_name)), out_specs=(P(axis_name, None), P(axis_name, None)))
+        mesh=mesh, in_specs=(P(axis_name, None), P(axis_name), P()),
+        out_specs=(P(axis_name, None), P(axis_name, None)))
 
     def run(x, ids, positions):
         x = x.astype(dtype)
@@ -332,7 +363,9 @@ def _program(mesh: Mesh, axis_name: str, n: int, n_pad: int, k: int, k_search: i
         if ids is None:
             arange = jnp.arange(n_pad, dtype=jnp.int32)
             ids = jax.lax.with_sharding_constraint(jnp.where(arange < n, arange, -1), vector)
-        dist, idx = kernel(x, ids)
+        # Padding rows are zero, so the sum over all stored rows is the sum over the N points.
+        centre = screening_centre(jnp.sum(x, axis=0), n)
+        dist, idx = kernel(x, ids, centre)
         if compact:
             dist, idx = dist[positions], idx[positions]
         else:
@@ -342,58 +375,15 @@ def _program(mesh: Mesh, axis_name: str, n: int, n_pad: int, k: int, k_search: i
     return jax.jit(run)
 
 
-def _tile_rows(n_local: int, dim: int, k_search: int, itemsize: int, block_size: int | None,
-               memory_budget_bytes: int | None) -> int:
-    """Local query rows per distance tile: within the budget, balanced so the last tile is not mostly padding.
-
-    One row of a tile costs its distances, the [running, block] concatenation and the mask
-    (~3 n_local words) plus its candidate lists (~4 k_search words).
-    """
-    del dim
-    if block_size is None:
-        budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
-        block_size = min(4096, max(8, budget // (itemsize * (3 * n_local + 4 * k_search))))
-    block_size = max(1, min(int(block_size), n_local))
-    block = math.ceil(n_local / math.ceil(n_local / block_size))
-    return block if block <= 8 else math.ceil(block / 8) * 8
-
-
-def _chunk_entries(n_local: int, block: int, dim: int, k_search: int, n_dev: int, itemsize: int,
-                   memory_budget_bytes: int | None) -> int:
-    """Candidates per exact re-ranking chunk: about a quarter of one owner's share, within the budget."""
+def _chunk_entries(n_local: int, block: int, k_search: int, n_dev: int) -> int:
+    """Candidates per exact re-ranking chunk: about a quarter of one owner's share, and at most one block's
+    candidates (block * k_search), the re-ranking memory `idjax.plan_knn` budgets for."""
     total = math.ceil(n_local / block) * block * k_search
     if (n_dev + 1) * total >= 2**31:
         raise ValueError(
             f"{n_local} rows per device x {k_search} candidates is too many to bucket with int32 keys; "
             "use more devices (or fewer points / a smaller k)")
-    budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
-    cap = max(256, budget // (12 * dim * itemsize))  # gathered query and key rows and their difference
-    return int(min(max(256, math.ceil(total / (4 * n_dev) / 256) * 256), cap))
-
-
-def plan_blocks(n: int, dim: int, k: int, n_devices: int, *, itemsize: int = 4, block_size: int | None = None,
-                memory_budget_bytes: int | None = None) -> tuple[int, int]:
-    """(n_local, block): rows per device (ceil(N / P)) and local query rows per distance tile."""
-    n_local = max(1, math.ceil(n / n_devices))
-    k_search = min(k + EXTRA_CANDIDATES, n - 1)
-    return n_local, _tile_rows(n_local, dim, k_search, itemsize, block_size, memory_budget_bytes)
-
-
-def memory_per_device(n: int, dim: int, k: int, n_devices: int, *, itemsize: int = 4,
-                      block_size: int | None = None, memory_budget_bytes: int | None = None) -> int:
-    """Working-set estimate in bytes of one device of `knn_sharded`: O(N/P (N/P + k)) plus one chunk.
-
-    The local rows, the visiting key block and its incoming copy (3 n_local D); one distance tile, its
-    [running, block] concatenation and mask (3 block n_local); the candidate lists of both passes and
-    the outputs (~12 n_local k_search); one re-ranking chunk of gathered rows (3 chunk D).
-    """
-    n_local, block = plan_blocks(n, dim, k, n_devices, itemsize=itemsize, block_size=block_size,
-                                 memory_budget_bytes=memory_budget_bytes)
-    k_search = min(k + EXTRA_CANDIDATES, n - 1)
-    chunk = _chunk_entries(n_local, block, dim, k_search, n_devices, itemsize, memory_budget_bytes)
-    rows = math.ceil(n_local / block) * block
-    words = 3 * n_local * dim + 3 * block * n_local + 12 * rows * k_search + 3 * chunk * dim
-    return int(words * itemsize)
+    return int(min(max(256, math.ceil(total / (4 * n_dev) / 256) * 256), block * k_search))
 
 
 def _max_abs(x: jax.Array) -> float:
@@ -422,7 +412,8 @@ def knn_sharded(
       k: number of neighbours (1 <= k <= N - 1); each point is excluded from its own list by index.
       mesh: device mesh (default: a 1-D mesh over all devices); rows are sharded over `axis_name`
         and replicated over any other axes.
-      block_size: local query rows per distance tile; default from `memory_budget_bytes`.
+      block_size: at most this many local query rows per distance tile (see `idjax.plan_knn`); default
+        from `memory_budget_bytes`.
       memory_budget_bytes: bound on one tile's working set (default 512 MiB, as `idjax.knn`).
 
     Returns:
@@ -476,8 +467,12 @@ def knn_sharded(
     validation.check_k(k, n - 1, what="neighbours", n_points=n)
     k_search = min(k + EXTRA_CANDIDATES, n - 1)
     itemsize = jnp.dtype(dtype).itemsize
-    block = _tile_rows(n_pad // n_dev, dim, k_search, itemsize, block_size, memory_budget_bytes)
-    chunk = _chunk_entries(n_pad // n_dev, block, dim, k_search, n_dev, itemsize, memory_budget_bytes)
+    n_local = n_pad // n_dev
+    local_device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    plan = plan_knn(n, dim, k, devices=n_dev, itemsize=itemsize, memory_budget_bytes=memory_budget_bytes,
+                    block_size=block_size, memory_bytes=device_memory_bytes(local_device))
+    block = balanced_block(n_local, plan.block_size)
+    chunk = _chunk_entries(n_local, block, k_search, n_dev)
     program = _program(mesh, axis_name, int(n), int(n_pad), int(k), int(k_search), int(block), chunk,
                        jnp.dtype(dtype).name, positions is not None)
     dist, idx = program(points, ids, positions)

@@ -36,6 +36,10 @@ KERNELS = {
     "label_overlap_per_point": (overlap.label_overlap_per_point.__wrapped__, (jnp.asarray(IDX), LABELS)),
     "data_overlap_per_point": (overlap.data_overlap_per_point.__wrapped__, (jnp.asarray(IDX), jnp.asarray(IDX_B))),
     "smallest_columns": (lambda d: neighbors.smallest_columns(d, 5, 8), (jnp.asarray(DIST @ DIST.T),)),
+    "knn_in_blocks": (lambda x: neighbors.knn_in_blocks(x, x, k=4, k_search=8, block_size=16, exclude_self=True,
+                                                        rerank_rows=0), (jnp.asarray(X),)),
+    "knn_in_blocks_chunked": (lambda x: neighbors.knn_in_blocks(x, x, k=4, k_search=8, block_size=16,
+                                                                exclude_self=True, rerank_rows=5), (jnp.asarray(X),)),
 }
 
 # The log-likelihood is a float32 sum of terms that largely cancel, so XLA's summation order (fused

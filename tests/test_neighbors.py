@@ -169,6 +169,46 @@ def test_smallest_columns_is_exact():
             np.testing.assert_array_equal(got, want)
 
 
+def test_screening_scores_are_squared_distances_less_the_query_norm():
+    from idjax import neighbors
+
+    rng = np.random.default_rng(7)
+    q = (rng.normal(size=(13, 10)) + 3.4).astype(np.float32)
+    r = (rng.normal(size=(40, 10)) + 3.4).astype(np.float32)
+    centre = neighbors.screening_centre(jax.numpy.sum(r, axis=0), 40)
+    np.testing.assert_array_equal(np.asarray(centre), np.round(r.astype(np.float64).mean(0)))
+    scores = np.asarray(neighbors.screening_scores(neighbors.query_keys(q - centre),
+                                                   neighbors.reference_keys(r - centre, rows=64)))
+    assert scores.shape == (13, 64) and np.isinf(scores[:, 40:]).all()  # padding rows are never selected
+    q64, r64, c64 = q.astype(np.float64), r.astype(np.float64), np.asarray(centre, np.float64)
+    want = ((q64[:, None] - r64[None]) ** 2).sum(-1) - ((q64 - c64) ** 2).sum(-1)[:, None]
+    np.testing.assert_allclose(scores[:, :40], want, atol=1e-4)
+
+
+def test_nearest_by_exact_distance_breaks_ties_by_index():
+    from idjax import neighbors
+
+    d2 = jax.numpy.asarray([[4.0, 1.0, 1.0, 0.0], [9.0, 9.0, 9.0, 1.0]])
+    ids = jax.numpy.asarray([[3, 7, 2, 9], [5, 1, 4, 8]], jax.numpy.int32)
+    dist, idx = neighbors.nearest_by_exact_distance(d2, ids, 3)
+    np.testing.assert_array_equal(np.asarray(dist), [[0.0, 1.0, 1.0], [1.0, 3.0, 3.0]])
+    np.testing.assert_array_equal(np.asarray(idx), [[9, 2, 7], [8, 1, 4]])
+
+
+def test_decimation_subsets_search_like_knn_on_offset_data():
+    """The decimation's batched small searches use knn's kernel, centring included: points of unit spread
+    1e4 from the origin (float32), where the uncentred GEMM form loses the distances, still give the two
+    nearest neighbours of a float64 brute force of the stored points."""
+    from idjax import intrinsic_dim
+
+    subsets = (np.random.default_rng(8).normal(size=(3, 150, 8)) + 1e4).astype(np.float32)
+    got = np.asarray(intrinsic_dim._two_nearest_dense(jax.numpy.asarray(subsets)))
+    assert got.shape == (3, 150, 2)
+    for subset, dist in zip(subsets, got, strict=True):
+        ref_d, _ = brute_force(subset, 2)
+        np.testing.assert_allclose(dist, ref_d, rtol=1e-5)
+
+
 def test_memory_plan_bounds_the_block_and_says_what_fits():
     plan = idjax.plan_knn(20000, 512, 64, memory_bytes=24 * 2**30)
     assert 8 <= plan.block_size <= 4096 and plan.block_size % 8 == 0

@@ -195,11 +195,13 @@ def test_checks_and_memory_plan():
     with pytest.raises(ValueError, match="not an axis"):
         sharded.knn_sharded(x, 2, mesh=sharded.default_mesh("rows"))
     assert sharded.process_row_range(10, 1, 3) == (3, 6)
-    # Unblocked (one tile of all local queries), memory per device is O(N/P (N/P + k)) + one chunk.
-    one, eight = (sharded.memory_per_device(80_000, 512, 64, p, block_size=10**9) for p in (1, 8))
+    # Unblocked (one tile of all local queries), memory per device is O(N/P (N/P + k D)): at small D the
+    # (N/P, N/P) tile dominates and shrinks by P^2.
+    one, eight = (idjax.plan_knn(80_000, 8, 64, devices=p, block_size=10**9, memory_bytes=2**50).bytes_per_device
+                  for p in (1, 8))
     assert one / 70 < eight < one / 30
     # Blocked by the default budget, the tile stays near 512 MiB and only the local rows shrink.
-    assert sharded.memory_per_device(80_000, 512, 64, 8) < 700 * 2**20
+    assert idjax.plan_knn(80_000, 512, 64, devices=8, memory_bytes=64 * 2**30).bytes_per_device < 700 * 2**20
 
 
 SCALED_SCRIPT = """
@@ -242,3 +244,65 @@ def test_scaled_copies_give_the_same_graph_on_four_devices():
     for name, (same_indices, distance_error, id_error) in out.items():
         assert same_indices, name
         assert distance_error < 1e-5 and id_error < 1e-5, (name, distance_error, id_error)
+
+
+OFFSET_SCRIPT = """
+import sys
+import numpy as np, jax
+from idjax import sharded
+assert jax.device_count() == 4
+x = np.load(sys.argv[1])
+dist, idx = sharded.gather_to_host(sharded.knn_sharded(x, 9, block_size=64))
+np.savez(sys.argv[2], distances=dist, indices=idx)
+"""
+
+
+def test_ring_centres_offset_data_like_the_single_device_path(tmp_path):
+    """Points of unit spread 1e4 from the origin (float32): uncentred, |q|^2 + |r|^2 - 2 q.r loses the
+    distances entirely (rounding ~1e2 against squared distances ~1e1), so only the screening's centring lets
+    the ring find the true neighbours. Both paths must equal a float64 brute force of the stored points."""
+    rng = np.random.default_rng(21)
+    x = (rng.normal(size=(403, 16)) + 1e4).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run([sys.executable, "-c", OFFSET_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "out.npz")],
+                          env=_env(4), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ring = np.load(tmp_path / "out.npz")
+    exact = x.astype(np.float64)
+    d = np.sqrt(((exact[:, None, :] - exact[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    ref_i = np.argsort(d, axis=1, kind="stable")[:, :9]
+    ref_d = np.take_along_axis(d, ref_i, 1)
+    assert_same_neighbours(ring["distances"], ring["indices"], ref_d, ref_i, rtol=1e-5, what="ring, offset data")
+    single = idjax.knn(x, 9)
+    assert_same_neighbours(single.distances, single.indices, ref_d, ref_i, rtol=1e-5, what="one device, offset data")
+    assert_same_neighbours(ring["distances"], ring["indices"], single.distances, single.indices, rtol=1e-6,
+                           what="ring vs one device, offset data")
+
+
+def test_both_paths_take_their_blocks_from_plan_knn(monkeypatch):
+    """idjax.knn and the ring on a 1-device mesh solve the same per-device problem, so plan_knn must give
+    them the same query block, for the default budget and for a budget that forces several blocks."""
+    from idjax import neighbors
+
+    used = {}
+    single_kernel, ring_program = neighbors._knn_blocks, sharded._program
+
+    def record_single(*args, block_size, **kwargs):
+        used["single"] = block_size
+        return single_kernel(*args, block_size=block_size, **kwargs)
+
+    def record_ring(mesh, axis_name, n, n_pad, k, k_search, block, *rest):
+        used["ring"] = block
+        return ring_program(mesh, axis_name, n, n_pad, k, k_search, block, *rest)
+
+    monkeypatch.setattr(neighbors, "_knn_blocks", record_single)
+    monkeypatch.setattr(sharded, "_program", record_ring)
+    x = np.random.default_rng(22).normal(size=(1001, 24)).astype(np.float32)
+    for budget in (None, 2**20):
+        plan = idjax.plan_knn(1001, 24, 7, memory_budget_bytes=budget)
+        idjax.knn(x, 7, memory_budget_bytes=budget)
+        sharded.knn_sharded(x, 7, memory_budget_bytes=budget)
+        assert used["single"] == used["ring"] == plan.block_size, (budget, used, plan)
+    assert plan.block_size < 1001  # the small budget gives several blocks, balanced: 1001 rows in equal blocks
+    assert -(-1001 // plan.block_size) * plan.block_size - 1001 < 8 * -(-1001 // plan.block_size)
