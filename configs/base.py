@@ -105,7 +105,7 @@ def analysis_config() -> ml_collections.ConfigDict:
     return config
 
 
-def paper_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def paper_protocol(config: ml_collections.ConfigDict, *, decimated_twonn: bool) -> ml_collections.ConfigDict:
     """The paper's protocol (Valeriani et al. 2023 and its public scripts) on top of a family config.
 
     Overlap with labels and between adjacent layers at k = 10 as the headline (label_ks keeps the
@@ -116,7 +116,7 @@ def paper_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     config.profile.label_ks = tuple(sorted({*config.profile.label_ks, 10}))
     config.profile.twonn_fraction = 0.98
     config.probe.knn_k = 10
-    if config.model.family == "igpt":
+    if decimated_twonn:  # the paper's iGPT analysis
         config.profile.id_estimator = "twonn_decimated"
         config.profile.decimation_target_ratio = 32
         config.profile.decimation_min_subset = 0

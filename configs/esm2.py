@@ -21,6 +21,10 @@ from configs import base, common
 SIZES = ("8M", "35M", "150M", "650M", "3B", "15B")
 
 
+# configs/paper.py: the paper measured ESM-2 with TwoNN on all points.
+PAPER_DECIMATED_TWONN = False
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = arg or "8M"
     config = base.analysis_config()

@@ -16,6 +16,9 @@ import ml_collections
 
 from configs import base, common
 
+# configs/paper.py: the paper measured iGPT with TwoNN on N/32-point subsets.
+PAPER_DECIMATED_TWONN = True
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = (arg or "s").lower()

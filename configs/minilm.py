@@ -9,6 +9,9 @@ import ml_collections
 
 from configs import base, common
 
+# configs/paper.py: TwoNN on all points, as the paper did for its protein models.
+PAPER_DECIMATED_TWONN = False
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base.analysis_config()

@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     family, _, family_arg = (arg or "").partition(",")
     if family not in FAMILIES:
         raise ValueError(f"arg must be '<family>[,<arg>]' with family one of {FAMILIES}; got {arg!r}")
-    config = importlib.import_module(f"configs.{family}").get_config(family_arg or None)
+    family_config = importlib.import_module(f"configs.{family}")
+    config = family_config.get_config(family_arg or None)
     config.name = f"{config.name} (paper protocol)"
-    return base.paper_protocol(config)
+    return base.paper_protocol(config, decimated_twonn=family_config.PAPER_DECIMATED_TWONN)

@@ -14,6 +14,7 @@ import pathlib
 import ml_collections
 
 from configs import base
+from models import registry
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -24,7 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.path = arg or str(base.REPO / "workdirs" / "esm2_tiny_ecoli")
     saved = pathlib.Path(config.model.path) / "model_config.json"
     config.model.family = json.loads(saved.read_text())["family"] if saved.is_file() else "esm2"
-    config.extract.batch_size = 64 if config.model.family == "esm2" else 128
+    # Images are short, equal-length sequences: bigger batches than proteins (length-bucketed, up to 1022).
+    config.extract.batch_size = {"proteins": 64, "images": 128}[registry.trainable_family(config.model.family)
+                                                                  .TRAINING_DATA]
     config.study = ml_collections.ConfigDict()
     config.study.classes = "abcd"  # esm2: the SCOP classes of the class task
     config.study.min_superfamily_members = 20  # esm2: remote-homology superfamilies need this many domains

@@ -236,7 +236,7 @@ def preflight(config, workdir: pathlib.Path) -> list[str]:
         if not found and not (path / "model_config.json").is_file():
             found.append(f"config.model.path={path} is not a training workdir (no model_config.json): the probe "
                          "study reads a model trained with configs/train_*.py")
-        if config.model.family == "esm2":
+        if config.data.name == "scope":  # the protein study reads SCOPe
             found += _data_problems(config.data)
     if experiment == "train":
         data = config.data

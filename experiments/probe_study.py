@@ -280,7 +280,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 def study_curves(result: dict) -> dict[str, list[float]]:
     """The figure's named per-layer curves (a one-layer baseline is one value)."""
     t = result["trained"]
-    if result["family"] == "esm2":
+    if "superfamily_remote" in t:  # the protein study's tasks
         remote = t["superfamily_remote"]
         curves = {"class: linear probe": t["class"]["linear_probe"], "class: kNN": t["class"]["knn_accuracy"],
                   "superfamily kNN, family excluded": remote["knn_accuracy_family_excluded"],
