@@ -55,9 +55,9 @@ EXPECTED_IMAGE_DATA = {  # root relative to $IDJAX_SHARED_DATA
 }
 EXPECTED_PROTEIN_DATA = {
     "cpu": {"fasta": "protein/UP000000625_83333.fasta", "max_residues": 128, "val_fraction": 0.05, "split_seed": 0,
-            "max_sequences": None, "max_eval_examples": 160},
+            "max_sequences": None, "max_eval_examples": 160, "scope_fasta": None, "scope_holdout_families": 0.2},
     "gpu": {"fasta": "protein/UP000000625_83333.fasta", "max_residues": 510, "val_fraction": 0.05, "split_seed": 0,
-            "max_sequences": None, "max_eval_examples": None},
+            "max_sequences": None, "max_eval_examples": None, "scope_fasta": None, "scope_holdout_families": 0.2},
 }
 SCOPE = "protein/astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa"
 
