@@ -63,10 +63,20 @@ def family_model(model_settings: ml_collections.ConfigDict, examples: Examples, 
     if hasattr(family, "check_settings"):  # refusals that need no model come before loading a large one
         family.check_settings(model_settings)
     overrides = model_settings.get("overrides")
-    config, params = registry.load(name, model_settings.source, model_settings.get("path"),
-                                   size=model_settings.get("size"), seed=model_settings.get("seed", 0),
-                                   step=model_settings.get("step"),
-                                   overrides=overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
+    source, path = model_settings.source, model_settings.get("path")
+    if source in ("trained", "untrained"):  # a model trained here: its workdir's checkpoint, or its step 0
+        from experiments import train
+
+        model, params, _ = train.load_trained(path, step=model_settings.get("step")) if source == "trained" \
+            else train.load_untrained(path)
+        config = model.config
+        if registry.family_of(config) != name:
+            raise ValueError(f"{path} holds a trained {registry.family_of(config)} model, not {name}: set "
+                             f"model.family={registry.family_of(config)!r}")
+    else:
+        config, params = registry.load(name, source, path, size=model_settings.get("size"),
+                                       seed=model_settings.get("seed", 0),
+                                       overrides=overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
     return family.make_encoder(config, params, model_settings, examples, workdir=workdir, batch_size=batch_size)
 
 

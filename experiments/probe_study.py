@@ -257,14 +257,14 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
               "stores": {name: reps[name].manifest["fingerprint"] for name in reps}}
     if data_kind(config) == "proteins":
         tasks, sizes = esm2_tasks(reps["trained"], config)
-        result.update(sizes, max_residues=int(configs["trained"].model.max_residues))
+        result.update(sizes, max_residues=int(configs["trained"].model.esm2.max_residues))
         for name, r in reps.items():
             result[names[name]] = esm2_scores(r, tasks, config)
     else:
         labels = np.asarray(reps["trained"].labels)
         n_train = reps["trained"].manifest["metadata"]["data"]["n_train"]
         split = (np.arange(n_train), np.arange(n_train, len(labels)))
-        result.update(n_train=int(n_train), n_test=int(len(labels) - n_train), stream=config.model.stream)
+        result.update(n_train=int(n_train), n_test=int(len(labels) - n_train), stream=config.model.igpt.stream)
         for name, r in reps.items():
             result[names[name]] = igpt_scores(r, labels, split, config)
     result["extract_seconds"] = extract_seconds

@@ -4,8 +4,9 @@ A family is a module in `models/` with these names (the pipeline calls nothing e
 
   Config                  frozen dataclass of hyper-parameters, `to_dict()` / `Config.from_dict(d)`
   Model                   the Flax module: `Model(config)`
-  SOURCES                 checkpoint kinds `load` reads (besides "random", "trained" and "untrained", which
-                          every family gets from here: `get_config` + `init_params`, `train.load_trained`)
+  SOURCES                 checkpoint kinds `load` reads (besides GENERIC_SOURCES, which every family gets:
+                          "random" here from `get_config` + `init_params`; "trained" / "untrained", a
+                          training workdir's model, in `experiments/extract.py` via `experiments/train.py`)
   get_config(size, **overrides) -> Config
   init_params(config, seed) -> params        float32, the inner tree (no {"params": ...} wrapper)
   param_shapes(config) -> tree of ShapeDtypeStruct, without allocating
@@ -128,13 +129,12 @@ def config_from_json(record: dict) -> Any:
 
 
 def load(name: str, source: str, path: str | None, *, size: str | None = None, overrides: dict | None = None,
-         seed: int = 0, step: int | None = None) -> tuple[Any, Any]:
+         seed: int = 0) -> tuple[Any, Any]:
     """(config, params) of family `name` from `source`.
 
-    "random": `get_config(size, **overrides)` initialised with `seed`; "trained": checkpoint `step` (None:
-    the latest good one) of a training workdir (`experiments.train.load_trained`, which must hold this
-    family); "untrained": that workdir's model as its training run initialised it (step 0, the control for
-    what training changed); any other source is the family's own `load` (its `SOURCES`).
+    "random": `get_config(size, **overrides)` initialised with `seed`; any other source is the family's
+    own `load` (its `SOURCES`). The sources that read a training workdir ("trained", "untrained") belong
+    to the pipeline (`experiments.extract.family_model` through `experiments.train`), not to models/.
     """
     module = family(name)
     if source == "random":
@@ -142,14 +142,6 @@ def load(name: str, source: str, path: str | None, *, size: str | None = None, o
             raise ValueError(f"model.source='random' needs model.size (a {name} size key) to build the model")
         config = module.get_config(size, **dict(overrides or {}))
         return config, module.init_params(config, seed)
-    if source in ("trained", "untrained"):
-        from experiments import train
-
-        model, params, _ = train.load_trained(path, step=step) if source == "trained" else train.load_untrained(path)
-        if family_of(model.config) != name:
-            raise ValueError(f"{path} holds a trained {family_of(model.config)} model, not {name}: set "
-                             f"model.family={family_of(model.config)!r}")
-        return model.config, params
     if source not in module.SOURCES:
         raise ValueError(f"model family {name!r} cannot load source {source!r}: one of "
                          f"{', '.join(module.SOURCES + GENERIC_SOURCES)}")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from experiments import extract, files, profile, store
+from experiments import datasets, extract, files, profile, store
 from models import registry
 from tests.conftest import REPO_ROOT
 
@@ -212,7 +212,7 @@ def test_hugging_face_torch_model_plugs_in_and_matches_a_direct_call(tmp_path, m
     hfgpt = importlib.import_module("user_hf.hfgpt")  # the package written above, already imported by the run
 
     digits = load_digits()
-    keep = extract._select(len(digits.images), digits.labels, config.data)
+    keep = datasets.select_indices(len(digits.images), digits.labels, config.data)
     reps = store.load(store.store_dir(tmp_path / "run"))
     ids = torch.as_tensor(digits.images[keep[:10]].reshape(10, -1) // 16, dtype=torch.long)
     with torch.no_grad():
