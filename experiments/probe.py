@@ -99,30 +99,34 @@ def _layer_shape(layers: Sequence[np.ndarray]) -> tuple[int, int]:
 
 
 def split_indices(
-    labels: np.ndarray, *, test_fraction: float = 0.25, seed: int = 0, stratify: bool = True
+    labels: np.ndarray | int, *, test_fraction: float = 0.25, seed: int = 0, stratify: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/test split of N points.
+    """Seeded train/test (or train/held-out) split of N points: the one split of probes and training data.
 
     Args:
-      labels: [N] labels (used only for stratification).
+      labels: [N] labels (used only for stratification), or N itself for an unlabelled split.
       test_fraction: share of points in the test split, in (0, 1).
       seed: the permutation seed; the same (labels, fraction, seed) always gives the same split.
       stratify: if True, each class is split separately (round(n_c * test_fraction) test points,
         never all of a class), so small classes appear on both sides when they have >= 2 members.
+        Without stratification the test split is the first max(1, round(N * test_fraction)) points
+        of one seeded permutation.
 
     Returns:
       (train_idx [N_train], test_idx [N_test]), sorted int64 index arrays.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    labels = np.asarray(labels)
-    n = labels.shape[0]
+    unlabelled = isinstance(labels, (int, np.integer))
+    if unlabelled and stratify:
+        raise ValueError("a stratified split needs labels, not a point count; pass stratify=False")
+    n = int(labels) if unlabelled else np.shape(labels)[0]
     rng = np.random.default_rng(seed)
     if not stratify:
         perm = rng.permutation(n)
         n_test = max(1, int(round(n * test_fraction)))
         return np.sort(perm[n_test:]), np.sort(perm[:n_test])
-    codes, n_classes = _codes(labels, n)
+    codes, n_classes = _codes(np.asarray(labels), n)
     test = []
     for c in range(n_classes):
         members = rng.permutation(np.flatnonzero(codes == c))

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from idjax import validation
+from experiments.probe import split_indices
 from models import palette as palette_lib
 from models import protein_tokenizer as ptok
 
@@ -51,49 +51,6 @@ class TrainData:
     def real_tokens(self, batch: np.ndarray) -> int:
         """Tokens of a batch [B, T] that are not padding (throughput counts only these)."""
         return int((batch != ptok.PAD_ID).sum()) if self.kind == "proteins" else int(batch.size)
-
-
-def split_indices(
-    labels: np.ndarray | int, *, test_fraction: float = 0.25, seed: int = 0, stratify: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/test (or train/held-out) split of N points.
-
-    Args:
-      labels: [N] labels (used only for stratification), or N itself for an unlabelled split.
-      test_fraction: share of points in the test split, in (0, 1).
-      seed: the permutation seed; the same (labels, fraction, seed) always gives the same split.
-      stratify: if True, each class is split separately (round(n_c * test_fraction) test points,
-        never all of a class), so small classes appear on both sides when they have >= 2 members.
-        Without stratification the test split is the first max(1, round(N * test_fraction)) points
-        of one seeded permutation.
-
-    Returns:
-      (train_idx [N_train], test_idx [N_test]), sorted int64 index arrays.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    unlabelled = isinstance(labels, (int, np.integer))
-    n = int(labels) if unlabelled else np.shape(labels)[0]
-    rng = np.random.default_rng(seed)
-    if not stratify or unlabelled:
-        if stratify:
-            raise ValueError("a stratified split needs labels, not a point count; pass stratify=False")
-        perm = rng.permutation(n)
-        n_test = max(1, int(round(n * test_fraction)))
-        return np.sort(perm[n_test:]), np.sort(perm[:n_test])
-    codes = validation.as_labels(np.asarray(labels), n)
-    test = []
-    for c in range(int(codes.max()) + 1 if n else 0):
-        members = rng.permutation(np.flatnonzero(codes == c))
-        n_test = int(round(len(members) * test_fraction))
-        n_test = min(n_test, len(members) - 1)  # keep at least one training example per class
-        test.append(members[:n_test])
-    test_idx = np.sort(np.concatenate(test)) if test else np.zeros(0, np.int64)
-    train_mask = np.ones(n, bool)
-    train_mask[test_idx] = False
-    if not test_idx.size:
-        raise ValueError("the split left no test points; raise test_fraction or use more points")
-    return np.flatnonzero(train_mask), test_idx
 
 
 def read_fasta(path: pathlib.Path | str) -> list[tuple[str, str]]:
