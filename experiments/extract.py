@@ -166,6 +166,26 @@ def build_encoder(model_settings: ml_collections.ConfigDict, examples: Examples,
 # The job
 
 
+RESUME_TOLERANCE = 1e-3  # of the stored batch's largest magnitude: another platform's rounding passes
+
+
+def check_same_model(directory: pathlib.Path, encoder: Encoder, batch: int) -> None:
+    """Before a resumed extraction adds batches: the model must still give stored batch `batch`.
+
+    The store's fingerprint sees the config, not the model's code or an unseeded initialisation; a model
+    that changed between runs would otherwise mix two networks' outputs in one store without a sign.
+    """
+    stored = store.read_batch(directory, batch)
+    again = encoder.embed(encoder.plan[batch])
+    difference = float(np.max(np.abs(again - stored))) if again.shape == stored.shape else float("inf")
+    if not difference <= RESUME_TOLERANCE * max(1.0, float(np.max(np.abs(stored)))):
+        raise store.StoreError(
+            f"the model now gives other outputs for stored batch {batch} of {directory} (largest difference "
+            f"{difference:.3g}): it changed since those batches were stored (new weights or code, or an "
+            "unseeded random initialisation). Make the model deterministic (seed it), or delete "
+            f"{directory} to extract again")
+
+
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Extracts pooled representations of every layer into `workdir/representations` (resumable).
 
@@ -205,6 +225,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     n_done = sum(len(encoder.plan[b]) for b in done)
     if done:
         logging.info("resuming extraction: %d of %d batches already stored", len(done), len(encoder.plan))
+        if todo:
+            check_same_model(directory, encoder, max(done))
     start = time.perf_counter()
     with tqdm(total=len(examples), initial=n_done, desc="extract", unit="ex", dynamic_ncols=True) as bar:
         for b in todo:

@@ -100,6 +100,12 @@ def write_batch(directory: pathlib.Path, index: int, reps: np.ndarray, example_i
     atomic_save_npz(batch_path(directory, index), reps=reps, indices=np.asarray(example_indices, np.int64))
 
 
+def read_batch(directory: pathlib.Path, index: int) -> np.ndarray:
+    """The stored (L+1, B, D) float32 representations of batch `index` (checksum verified)."""
+    path = batch_path(directory, index)
+    return files.load_npz(path, fix=_batch_fix(path))["reps"]
+
+
 def _batch_fix(path: pathlib.Path) -> str:
     return f"delete {path} and re-run the extraction (that batch is recomputed, the others are kept)"
 

@@ -137,7 +137,8 @@ def test_flax_model_from_outside_runs_launch_and_resumes_after_sigkill(tmp_path)
     log.unlink()
     resumed = _launch(tmp_path / "killed", config_file, user_root, OWN_MODEL_LOG=str(log))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert log.read_text().split() == ["64", "48"]  # batches 2 and 3 of 240 examples only
+    # Stored batch 1 re-embedded once (the model must still give it), then batches 2 and 3 of 240 examples.
+    assert log.read_text().split() == ["64", "64", "48"]
 
     again = files.read_json(tmp_path / "killed" / "results.json", fix="")
     for key in ("id", "id_err", "label_overlap", "adjacent_overlap", "selected_layer", "peak_layer", "probes"):
@@ -317,3 +318,49 @@ def test_good_encoder_and_the_command_line_check(tmp_path, monkeypatch):
     assert out.returncode != 0 and "cannot import module 'user_models.nowhere'" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "cli" / "representations").exists()
     assert json.dumps(registry.names()) == json.dumps(list(registry.FAMILIES))
+
+
+UNSEEDED_MODEL = textwrap.dedent('''
+    """A model whose weights are drawn afresh, unseeded, each time it is built."""
+    import numpy as np
+
+
+    class Encoder:
+        num_layers = 2
+        calls = 0
+
+        def __init__(self):
+            self.weights = np.random.default_rng().normal(size=(64, 8)).astype(np.float32)
+
+        def prepare_batch(self, images):
+            return np.asarray(images, np.float32).reshape(len(images), -1) / 255.0
+
+        def pooled_states(self, x):
+            Encoder.calls += 1
+            if Encoder.calls == 3:
+                raise KeyboardInterrupt("killed mid-extraction")
+            h = x @ self.weights
+            return np.stack([h, np.tanh(h), np.tanh(2 * h)]).astype(np.float32)
+
+
+    def make_encoder():
+        return Encoder()
+''')
+
+
+def test_a_model_that_changed_since_the_stored_batches_is_refused_on_resume(tmp_path):
+    """The fingerprint holds the spec, not the model: an unseeded model would mix two networks in one store."""
+    user_root = _user_package(tmp_path / "user", "user_unseeded", "net", UNSEEDED_MODEL)
+    sys.path.insert(0, str(user_root))
+    try:
+        config = base.analysis_config()
+        config.data.name, config.data.max_examples = "digits", 96
+        config.model.encoder = "user_unseeded.net:make_encoder"
+        config.extract.batch_size = 32
+        with pytest.raises(KeyboardInterrupt):
+            extract.run(config, tmp_path / "run")
+        assert store.finished_batches(store.store_dir(tmp_path / "run")) == {0, 1}
+        with pytest.raises(store.StoreError, match="other outputs for stored batch 1"):
+            extract.run(config, tmp_path / "run")
+    finally:
+        sys.path.remove(str(user_root))

@@ -55,7 +55,10 @@ def test_end_to_end_resume_after_kill(tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "build_encoder", real_build)
     monkeypatch.setattr(extract, "build_encoder", lambda *a, **k: counting_encoder(real_build(*a, **k), calls))
     manifest = extract.run(config, workdir)
-    assert len(calls) == 2  # 240 examples / 64 = 4 batches; the first two were not recomputed
+    # 240 examples / 64 = 4 batches: the last stored one re-embedded once as a check that the model has not
+    # changed, the first two not stored again; batches 2 and 3 computed.
+    assert len(calls) == 3 and calls[0] not in calls[1:]
+    assert manifest["metadata"]["batches_computed_this_run"] == 2
     assert manifest["n_examples"] == 240 and manifest["n_layers"] == 3 and manifest["dim"] == 32
 
     results = profile.run(config, workdir)
