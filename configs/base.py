@@ -65,6 +65,9 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.data.per_class = placeholder(int)  # at most this many examples per class (seeded choice)
     config.data.max_examples = placeholder(int)  # at most this many examples in all (seeded choice)
     config.data.seed = 0
+    # A training workdir (or a checkpoint exported from one): keep only the examples its run never trained on
+    # (ids not in its data_split.json "train_ids"), before the selection knobs above.
+    config.data.heldout_of = placeholder(str)
     config.data.text = "description"  # scope_text: description | description+organism
 
     config.extract = ml_collections.ConfigDict()

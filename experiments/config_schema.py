@@ -139,6 +139,7 @@ ANALYSIS: dict[str, Check] = {
     "data.min_class_size": integer(1, optional=True),
     "data.per_class": integer(1, optional=True),
     "data.max_examples": integer(1, optional=True),
+    "data.heldout_of": optional_text,
     "data.seed": integer(0),
     "data.text": choice("description", "description+organism"),
     "extract.batch_size": integer(1),

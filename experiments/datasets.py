@@ -19,6 +19,7 @@ import functools
 import hashlib
 import importlib
 import json
+import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -87,7 +88,7 @@ def images(name: str, cfg: ml_collections.ConfigDict) -> Examples:
 
     ds = image_datasets.load_image_dataset(name, cfg.get("root"), cfg.get("split"), size=cfg.get("size"),
                                            rgb=cfg.get("rgb", False))
-    return Examples(ds.images, ds.labels, tuple(f"{name}:{i}" for i in range(len(ds))), ds.class_names,
+    return Examples(ds.images, ds.labels, ds.ids, ds.class_names,
                     description={"root": str(cfg.get("root")), "split": cfg.get("split"), "size": cfg.get("size")})
 
 
@@ -259,7 +260,8 @@ def load_examples(cfg: ml_collections.ConfigDict) -> Examples:
     name, loader = loader_for(cfg)
     where = f"data source {name!r}" if cfg.get("source") else f"dataset {name!r}"
     full = check_examples(loader(cfg), where)
-    keep = select_indices(len(full), full.labels, cfg)
+    pool = np.arange(len(full)) if not cfg.get("heldout_of") else heldout_indices(full.ids, cfg.heldout_of, where)
+    keep = pool[select_indices(len(pool), None if full.labels is None else full.labels[pool], cfg)]
     if len(keep) < MIN_EXAMPLES:
         raise ValueError(f"{where}: {len(full)} examples, {len(keep)} left after selection (min_class_size="
                          f"{cfg.get('min_class_size')}, per_class={cfg.get('per_class')}, max_examples="
@@ -271,9 +273,38 @@ def load_examples(cfg: ml_collections.ConfigDict) -> Examples:
         labels = labels.astype(np.int64).ravel()
         names = None if names is None else tuple(names[i] for i in present)
     inputs = full.inputs[keep] if isinstance(full.inputs, np.ndarray) else tuple(full.inputs[i] for i in keep)
+    description = {"dataset": name, **full.description, "n": int(len(keep))}
+    if cfg.get("heldout_of"):  # which examples is in the ids' digest; where the run lives is not identity
+        description["heldout_of"] = {"train_ids": int(len(full) - len(pool)),
+                                     "locations": {"run": str(cfg.heldout_of)}}
     return Examples(inputs, labels, tuple(full.ids[i] for i in keep), names,
-                    None if full.groups is None else full.groups[keep],
-                    {"dataset": name, **full.description, "n": int(len(keep))})
+                    None if full.groups is None else full.groups[keep], description)
+
+
+def heldout_indices(ids: Sequence[str], training_run: str, where: str = "the dataset") -> np.ndarray:
+    """Sorted indices of the examples a trained model never saw: those whose id is not among the
+    "train_ids" of `training_run`'s data_split.json (a training workdir, or a checkpoint exported from one).
+
+    Raises:
+      DataSourceError when the record is missing or when no id of the dataset is a training id (then the
+      dataset is not the one the model was trained on, and "held out" would mean everything).
+    """
+    record = pathlib.Path(training_run) / "data_split.json"
+    try:
+        train_ids = set(json.loads(record.read_text())["train_ids"])
+    except FileNotFoundError as err:
+        raise DataSourceError(f"data.heldout_of={training_run!r}: no {record.name} there (a training workdir or an "
+                              "exported checkpoint directory holds one)") from err
+    except (KeyError, json.JSONDecodeError, TypeError) as err:
+        raise DataSourceError(f"data.heldout_of={training_run!r}: {record} has no list 'train_ids' ({err!r}); "
+                              "re-export the checkpoint or retrain to record it") from err
+    trained = np.array([example_id in train_ids for example_id in ids], bool)
+    if not trained.any():
+        example = next(iter(train_ids), None)
+        raise DataSourceError(f"data.heldout_of={training_run!r}: none of the {len(ids)} ids of {where} (e.g. "
+                              f"{ids[0]!r}) is among the run's {len(train_ids)} training ids (e.g. {example!r}): point "
+                              "data.* at the data the model was trained on (same file and split)")
+    return np.flatnonzero(~trained)
 
 
 def _digest(values: Any) -> str | None:

@@ -50,14 +50,21 @@ class DatasetError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """Images with labels; a random-access data source (`__len__`, `__getitem__`)."""
+    """Images with labels; a random-access data source (`__len__`, `__getitem__`).
+
+    ids: one string per image, "<name>:<index in the file>" (the name says the split, e.g. "mnist_t10k"),
+    kept through `subset`, so a training run's split and an analysis of the same file name the same images.
+    """
 
     name: str
     images: np.ndarray  # uint8 [N, H, W, C]
     labels: np.ndarray  # int64 [N]
     class_names: tuple[str, ...]
+    ids: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if self.ids is None:
+            object.__setattr__(self, "ids", tuple(f"{self.name}:{i}" for i in range(self.images.shape[0])))
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise ValueError(f"{self.name}: images must be uint8 [N, H, W, C], got {self.images.dtype} "
                              f"{self.images.shape}")
@@ -84,7 +91,9 @@ class ImageDataset:
         return np.bincount(self.labels, minlength=self.num_classes)
 
     def subset(self, indices: Sequence[int] | np.ndarray | slice) -> ImageDataset:
-        return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices])
+        kept = np.arange(len(self.ids))[indices]
+        return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices],
+                                   ids=tuple(self.ids[i] for i in kept))
 
 
 # ---------------------------------------------------------------------------------------------------

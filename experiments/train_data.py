@@ -221,7 +221,8 @@ def load_image_data(data_config: ml_collections.ConfigDict, workdir: pathlib.Pat
             "n_colors": int(data_config.n_colors), "seq_len": int(train_pixels.shape[1]),
             "colours_used_train": int(np.unique(train_pixels).size)}
     split = {"train_labels_counts": np.bincount(train.labels).tolist(),
-             "val_labels_counts": np.bincount(val.labels).tolist()}
+             "val_labels_counts": np.bincount(val.labels).tolist(),
+             "train_ids": list(train.ids), "val_ids": list(val.ids)}
     data = TrainData("images", train_pixels, val_pixels, int(train_pixels.shape[1]), np.asarray(val.labels), info)
     return data, split
 

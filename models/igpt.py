@@ -452,8 +452,9 @@ def palette_source(source: str, path: PathLike | None, chosen: str | None) -> tu
     one: ("file", it). `chosen == "fit"`: ("fitted", None), k-means on the analysed images. Unset: a HF
     checkpoint (source "hf") uses its own clusters ("checkpoint") and is refused without them, since its
     colour ids mean the colours it was trained on, which a palette fitted here does not reproduce; a
-    model trained here (sources "trained", "untrained") uses the palette saved with it ("trained"); a random
-    init gets a fitted one.
+    model trained here (sources "trained", "untrained") uses the palette saved with it ("trained"); an Orbax
+    checkpoint uses the clusters saved beside it ("checkpoint"); one without them and a random init get a
+    fitted one.
     """
     if chosen == FIT_PALETTE:
         return "fitted", None
@@ -475,6 +476,8 @@ def palette_source(source: str, path: PathLike | None, chosen: str | None) -> tu
         return "checkpoint", found
     if source in ("trained", "untrained"):  # a model of a training workdir: the palette it trained with
         return "trained", pathlib.Path(path) / "palette.npy"
+    if source == "orbax" and path is not None and (found := palette.checkpoint_palette(path)) is not None:
+        return "checkpoint", found  # saved with its clusters (experiments/export.py writes them)
     return "fitted", None
 
 

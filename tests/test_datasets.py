@@ -208,3 +208,27 @@ def test_digits_gives_the_same_images_and_labels_as_before():
 def test_unknown_builtin_name_lists_the_datasets():
     with pytest.raises(ValueError, match="scope, uniprot, digits.*data.source"):
         datasets.load_examples(data_config(name="nosuch"))
+
+
+def test_heldout_of_keeps_only_what_the_training_run_never_saw(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    trained = [f"digits:{i}" for i in range(0, 1797, 3)]  # every third image was a training example
+    (run / "data_split.json").write_text(json.dumps({"train_ids": trained}))
+    examples = datasets.load_examples(data_config(name="digits", heldout_of=str(run)))
+    assert examples.ids == tuple(f"digits:{i}" for i in range(1797) if i % 3)
+    assert examples.description["heldout_of"]["train_ids"] == len(trained)
+    # The selection knobs then choose among the held-out examples only.
+    few = datasets.load_examples(data_config(name="digits", heldout_of=str(run), max_examples=50))
+    assert len(few) == 50 and set(few.ids) <= set(examples.ids)
+
+
+def test_heldout_of_refuses_a_missing_record_and_a_dataset_the_run_did_not_train_on(tmp_path):
+    with pytest.raises(datasets.DataSourceError, match="no data_split.json"):
+        datasets.load_examples(data_config(name="digits", heldout_of=str(tmp_path)))
+    (tmp_path / "data_split.json").write_text(json.dumps({"val_ids": []}))
+    with pytest.raises(datasets.DataSourceError, match="no list 'train_ids'"):
+        datasets.load_examples(data_config(name="digits", heldout_of=str(tmp_path)))
+    (tmp_path / "data_split.json").write_text(json.dumps({"train_ids": ["mnist_t10k:0", "mnist_t10k:1"]}))
+    with pytest.raises(datasets.DataSourceError, match="none of the 1797 ids.*'digits:0'.*2 training ids"):
+        datasets.load_examples(data_config(name="digits", heldout_of=str(tmp_path)))

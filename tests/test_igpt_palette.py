@@ -134,6 +134,10 @@ def test_palette_source_rule(tmp_path):
     trained = igpt.palette_source("trained", str(tmp_path / "train"), None)
     assert trained == ("trained", tmp_path / "train" / "palette.npy")
     assert igpt.palette_source("random", None, None) == ("fitted", None)
+    # An Orbax checkpoint uses the clusters saved beside it (as experiments/export.py writes them); without
+    # them a palette is fitted.
+    assert igpt.palette_source("orbax", openai, None) == ("checkpoint", tmp_path / "openai" / palette.KMEANS_CENTERS)
+    assert igpt.palette_source("orbax", str(tmp_path / "train"), None) == ("fitted", None)
     colours, record = igpt.load_palette_for("file", tmp_path / "openai" / palette.KMEANS_CENTERS, None, N_COLORS,
                                             seed=0, workdir=tmp_path)
     np.testing.assert_array_equal(colours, clusters)

@@ -170,3 +170,50 @@ def test_study_config_is_described_by_the_schema():
     config.study.classes = "xyz"
     assert "study.classes" in " ".join(config_schema.problems(config))
     assert base.analysis_config().get("study") is None
+
+
+def test_export_writes_checkpoints_the_orbax_source_reads_and_the_heldout_split(igpt_workdir, tmp_path):
+    """`experiments.export`: every kept step as the family's Orbax checkpoint with its palette, the run's records
+    beside them; `data.heldout_of` on the export keeps exactly the images the run did not train on."""
+    from experiments import datasets, export
+    from models import igpt, palette, registry
+
+    out = tmp_path / "export"
+    assert export.export(igpt_workdir, out) == [0, 20]  # keep_steps (0,) plus the final checkpoint
+    assert export.exported_steps(out) == [0, 20]
+    for step in (0, 20):
+        config, params = registry.load("igpt", "orbax", str(export.step_dir(out, step)))
+        model, trained, _ = train.load_trained(igpt_workdir, step=step)
+        assert config == model.config
+        for (path, a), b in zip(jax_leaves(params), jax_leaves(trained, values_only=True), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+        kind, found = igpt.palette_source("orbax", str(export.step_dir(out, step)), None)
+        assert kind == "checkpoint"
+        np.testing.assert_array_equal(palette.load_palette(found), np.load(igpt_workdir / "palette.npy"))
+    for name in ("config.json", "model_config.json", "data_split.json", "metrics.jsonl"):
+        assert (out / name).read_bytes() == (igpt_workdir / name).read_bytes()
+
+    data = train.load_config(igpt_workdir).data
+    train_split, _ = train_data.load_image_splits(data)
+    config = base.analysis_config()
+    config.data.update(name="digits", heldout_of=str(out))
+    held = datasets.load_examples(config.data)
+    assert len(held) == 1797 - 300 and not set(held.ids) & set(train_split.ids)
+    with pytest.raises(FileNotFoundError, match="none of the kept steps"):
+        export.export(_without_checkpoints(igpt_workdir, tmp_path), tmp_path / "other")
+
+
+def jax_leaves(tree, values_only=False):
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [value for _, value in leaves] if values_only else [(jax.tree_util.keystr(p), v) for p, v in leaves]
+
+
+def _without_checkpoints(workdir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "no_checkpoints"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    (copy / "checkpoints").mkdir()
+    return copy
