@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DADAPY_VENV := .venv-dadapy
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test test-fast demo bench lint dadapy-venv dadapy-reference clean
+.PHONY: setup test test-slow demo bench lint dadapy-venv dadapy-reference clean
 
 setup: $(STAMP)
 
@@ -33,12 +33,14 @@ $(DADAPY_VENV)/.installed-stamp:
 dadapy-reference: dadapy-venv
 	$(DADAPY_VENV)/bin/python tests/reference/make_dadapy_reference.py --out tests/reference/dadapy_reference.npz
 
+# The suite; tests marked slow (end-to-end runs, several processes, trained-model re-profiles) are the
+# extras of `make test-slow`, which CI runs after it.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -x -m "not slow" tests
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow tests
 
 demo: $(STAMP)
 	$(PY) launch.py --config=configs/demo.py --workdir=workdirs/demo
