@@ -81,26 +81,20 @@ def anything(v: Any) -> str | None:
     return None
 
 
-def encoder_spec(v: Any) -> str | None:
-    """Unset, or "package.module:callable" (the researcher's own model)."""
-    if v is None:
-        return None
-    module, sep, attribute = v.partition(":") if isinstance(v, str) else ("", "", "")
-    if sep and module and attribute and all(part.isidentifier() for part in (*module.split("."),
-                                                                             *attribute.split("."))):
-        return None
-    return "must be 'package.module:callable' naming a function that returns the encoder (or unset)"
+def callable_spec(returns: str) -> Callable[[Any], str | None]:
+    """Unset, or "package.module:callable" naming `returns` (imported when the job starts)."""
+    def check(v: Any) -> str | None:
+        if v is None:
+            return None
+        module, sep, attribute = v.partition(":") if isinstance(v, str) else ("", "", "")
+        if sep and all(part.isidentifier() for part in (*module.split("."), *attribute.split("."))):
+            return None
+        return f"must be 'package.module:callable' naming {returns} (or unset)"
+    return check
 
 
-def data_source(v: Any) -> str | None:
-    """None, or "package.module:function" (imported when the job starts)."""
-    if v is None:
-        return None
-    module, sep, function = v.partition(":") if isinstance(v, str) else ("", "", "")
-    names = module.split(".") + function.split(".")
-    if sep and all(name.isidentifier() for name in names):
-        return None
-    return "must be 'package.module:function' (a function data_config -> experiments.datasets.Examples) or None"
+encoder_spec = callable_spec("a function that returns the encoder")
+data_source = callable_spec("a function data_config -> experiments.datasets.Examples")
 
 
 EXPERIMENT_NAMES = ("extract", "profile", "probe", "probe_study", "train", "full", "synthetic")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
 import json
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -118,26 +117,11 @@ def resolve_source(spec: str) -> Loader:
     Raises:
       DataSourceError naming the module or attribute that is missing and how to make it importable.
     """
-    module_name, sep, attribute = str(spec).partition(":")
-    if not sep or not module_name or not attribute:
-        raise DataSourceError(f"config.data.source={spec!r}: expected 'package.module:function', e.g. "
-                              "--config.data.source=mydata.loaders:load")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise DataSourceError(f"config.data.source={spec!r}: cannot import module {module_name!r} ({err}); put the "
-                              "directory holding its package on PYTHONPATH, or pip install it") from err
-    found: Any = module
-    for part in attribute.split("."):
-        if not hasattr(found, part):
-            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
-            raise DataSourceError(f"config.data.source={spec!r}: module {module_name!r} ({module.__file__}) has no "
-                                  f"attribute {attribute!r}; its functions: {', '.join(public) or 'none'}")
-        found = getattr(found, part)
-    if not callable(found):
-        raise DataSourceError(f"config.data.source={spec!r}: {attribute!r} is a {type(found).__name__}, not a "
-                              "function; name a function load(data_config) -> experiments.datasets.Examples")
-    return found
+    from models import registry
+
+    return registry.import_callable(spec, "config.data.source", DataSourceError,
+                                    "a function load(data_config) -> experiments.datasets.Examples (e.g. "
+                                    "'mydata.loaders:load')")
 
 
 def loader_for(cfg: ml_collections.ConfigDict) -> tuple[str, Loader]:

@@ -154,27 +154,35 @@ def load(name: str, source: str, path: str | None, *, size: str | None = None, o
 # The researcher's own model
 
 
-def resolve_encoder_callable(spec: str) -> Callable[[], Any]:
-    """`"pkg.module:make_encoder"` -> that callable; an `EncoderError` naming what is missing otherwise."""
-    module_name, sep, attribute = spec.partition(":")
+def import_callable(spec: str, setting: str, error: type[Exception], returns: str) -> Callable[..., Any]:
+    """`"pkg.module:attribute"` (dots allowed in attribute) -> that callable, imported; `error` naming the
+    setting, what is missing and how to fix it otherwise. `returns` describes what the callable should be
+    (e.g. "a function load(data_config) -> Examples"). Used for every plug-in setting (model.encoder,
+    data.source), so they fail the same way."""
+    module_name, sep, attribute = str(spec).partition(":")
     if not sep or not module_name or not attribute:
-        raise EncoderError(f"model.encoder={spec!r} must be 'package.module:callable' (e.g. "
-                           "'mypackage.models:make_encoder')")
+        raise error(f"{setting}={spec!r} must be 'package.module:callable' naming {returns}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise EncoderError(f"model.encoder={spec!r}: cannot import module {module_name!r} ({err}); put its package "
-                           "on PYTHONPATH or pip install it") from err
+        raise error(f"{setting}={spec!r}: cannot import module {module_name!r} ({err}); put the directory holding "
+                    "its package on PYTHONPATH, or pip install it") from err
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise EncoderError(f"model.encoder={spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
-                               f"has no attribute {attribute!r}")
+            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+            raise error(f"{setting}={spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
+                        f"attribute {attribute!r}; its callables: {', '.join(public) or 'none'}")
         target = getattr(target, part)
     if not callable(target):
-        raise EncoderError(f"model.encoder={spec!r}: {attribute!r} is a {type(target).__name__}, not a callable "
-                           "returning the encoder")
+        raise error(f"{setting}={spec!r}: {attribute!r} is a {type(target).__name__}, not a callable; name {returns}")
     return target
+
+
+def resolve_encoder_callable(spec: str) -> Callable[[], Any]:
+    """`"pkg.module:make_encoder"` -> that callable; an `EncoderError` naming what is missing otherwise."""
+    return import_callable(spec, "model.encoder", EncoderError, "a callable returning the encoder (e.g. "
+                           "'mypackage.models:make_encoder')")
 
 
 def check_encoder(encoder: Any, where: str) -> None:

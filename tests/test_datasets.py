@@ -100,8 +100,8 @@ def test_user_source_loads_checks_and_selects(user_package):
 @pytest.mark.parametrize("source, needles", [
     ("nosuchpackage.loaders:load", ["cannot import module 'nosuchpackage.loaders'", "PYTHONPATH"]),
     ("mydata.loaders:nothing", ["has no attribute 'nothing'", "digits", "texts"]),
-    ("mydata.loaders:NOT_A_FUNCTION", ["is a int, not a function"]),
-    ("mydata.loaders", ["expected 'package.module:function'"]),
+    ("mydata.loaders:NOT_A_FUNCTION", ["is a int, not a callable", "load(data_config)"]),
+    ("mydata.loaders", ["must be 'package.module:callable'", "load(data_config)"]),
     ("mydata.loaders:a_tuple", ["returned a tuple", "Examples("]),
     ("mydata.loaders:short_labels", ["labels have shape (3,)", "4 examples"]),
     ("mydata.loaders:float_labels", ["labels must be integer codes", "float64", "label_names"]),
