@@ -114,8 +114,9 @@ def make_mesh(model_parallel: int = 1) -> Mesh:
     if model_parallel < 1 or count % model_parallel:
         raise ValueError(f"model_parallel={model_parallel} must be a positive divisor of the {count} devices")
     try:
+        # Auto axes: the families' jitted functions take sharded inputs and let the compiler propagate them.
         return jax.make_mesh((count // model_parallel, model_parallel), (DATA_AXIS, MODEL_AXIS),
-                             devices=jax.devices())
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices())
     except (ValueError, NotImplementedError, AssertionError):  # topologies mesh_utils does not know
         devices = np.array(jax.devices()).reshape(count // model_parallel, model_parallel)
         return Mesh(devices, (DATA_AXIS, MODEL_AXIS))
