@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     def recording_replace(src, dst, *a, **k):
         real_replace(src, dst, *a, **k)
-        if str(pathlib.Path(dst).absolute()).startswith(str(workdir)):
+        if pathlib.Path(dst).absolute().is_relative_to(workdir):
             written.append(str(pathlib.Path(dst).absolute().relative_to(workdir)))
 
     os.replace = recording_replace
