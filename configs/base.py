@@ -71,7 +71,13 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.data.text = "description"  # scope_text: description | description+organism
 
     config.extract = ml_collections.ConfigDict()
-    config.extract.batch_size = 32
+    # An integer (examples per batch, over all devices), or "auto": experiments.extract.plan_extraction sizes it
+    # from the device memory (and decides replicated vs FSDP params). object-typed so --config...=auto parses.
+    config.extract.batch_size = ml_collections.FieldReference(32, field_type=object)
+    config.extract.sharding = "auto"  # auto: families run on the mesh of all devices when > 1 | always | never
+    config.extract.model_parallel = 0  # 0: the memory plan decides with "auto" (else replicated); N: FSDP over N
+    config.extract.device_memory_bytes = 0  # 0: the device's memory_stats() bytes_limit, else host RAM per device
+    config.extract.memory_headroom = 0.9  # the fraction of device memory the plan may fill
 
     config.profile = ml_collections.ConfigDict()
     config.profile.k_max = 64

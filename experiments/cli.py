@@ -37,6 +37,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoi
 _SWEEP = flags.DEFINE_bool("sweep", False, "Run every entry of the config file's get_sweep(arg).")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (after overrides) and exit.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors (also IDJAX_DEBUG=1).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process job: host:port of process 0 "
+                                   "(also IDJAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process job: this process's index, 0..num_processes-1.")
 
 EXPERIMENTS = {
     "extract": ("experiments.extract", "run"),
@@ -113,6 +117,8 @@ flags:
   --workdir=DIR         results, checkpoints and figures (every stage resumes there)
   --sweep               run each entry of the config file's get_sweep(arg) in DIR/<name> and overlay them
   --print_config        print the resolved config (after overrides) and exit
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+                        one process of a multi-process job (jax.distributed; process 0 writes shared files)
   --verbose             full tracebacks for errors (also IDJAX_DEBUG=1)
   --helpfull            every absl flag, including library ones
 
@@ -416,6 +422,9 @@ def main(argv: Sequence[str]) -> None:
         fail("--workdir is required: the directory for results, checkpoints and figures, e.g. --workdir=workdirs/run")
     workdir = pathlib.Path(_WORKDIR.value)
     try:
+        from experiments import distributed
+
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         if _SWEEP.value:
             run_sweep(config, workdir)
         else:

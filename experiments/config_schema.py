@@ -136,7 +136,12 @@ ANALYSIS: dict[str, Check] = {
     "data.heldout_of": optional_text,
     "data.seed": integer(0),
     "data.text": choice("description", "description+organism"),
-    "extract.batch_size": integer(1),
+    "extract.batch_size": lambda v: None if v == "auto" or integer(1)(v) is None else
+    "must be an integer >= 1 or 'auto'",
+    "extract.sharding": choice("auto", "always", "never"),
+    "extract.model_parallel": integer(0),
+    "extract.device_memory_bytes": integer(0),
+    "extract.memory_headroom": real(0, 1, low_open=True),
     "profile.k_max": integer(2),
     "profile.sharded": choice("auto", "always", "never"),
     "profile.verify_store": boolean,

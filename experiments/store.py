@@ -5,10 +5,16 @@ Layout of `<workdir>/representations/`:
                          extracted; written first. A restart with a different plan is refused.
   batches/00012.npz      one finished batch: reps (L+1, B, D) float32 + example indices; each written
                          to a temporary name and renamed, so a file that exists is complete.
+  batches/p00001/00013.npz   the same, written by process 1 of a multi-process job (batch b belongs to
+                         process b % process_count); every reader looks in both places.
   layer_000.npy ...      (N, D) per layer, in dataset order, written after the last batch.
   labels.npy, ids.json   labels (if any) and example ids in dataset order.
   manifest.json          written LAST, listing every file with its shape, size and SHA-256: a store
                          without it is incomplete and is never read as a result.
+
+Processes (`experiments/distributed.py`): the batch files are per process; plan.json, the layer files,
+labels.npy, ids.json and manifest.json are shared and written by process 0 only (`open_plan`,
+`finalize` are no-ops elsewhere; `open_plan` ends with a barrier so every process sees the plan).
 
 Integrity: batch files and plan.json / manifest.json carry their own checksums (`experiments.files`); the
 layer files, labels.npy and ids.json are checked against the manifest's sizes on every `load` and
@@ -31,7 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import files
+from experiments import distributed, files
 from experiments.files import atomic_save_npy, atomic_save_npz, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -63,10 +69,14 @@ def _without_locations(obj: Any) -> Any:
 
 
 def open_plan(directory: pathlib.Path, batches: Sequence[Sequence[int]], description: dict) -> None:
-    """Writes plan.json, or checks that an existing one describes the same extraction."""
+    """Writes plan.json (process 0), or checks that an existing one describes the same extraction (every
+    process, after a barrier that waits for process 0's plan)."""
     plan = {"fingerprint": fingerprint(_without_locations(description)), "description": description,
             "batches": [list(map(int, b)) for b in batches]}
     path = directory / PLAN
+    if distributed.is_writer() and not path.exists():
+        atomic_write_json(path, plan, checksum=True)
+    distributed.barrier("store: plan written")
     if path.exists():
         old = files.read_json(path, fix=f"delete {directory} and re-run the extraction")
         if old["fingerprint"] != plan["fingerprint"] or old["batches"] != plan["batches"]:
@@ -74,35 +84,51 @@ def open_plan(directory: pathlib.Path, batches: Sequence[Sequence[int]], descrip
                 f"{directory} holds a partial extraction of something else (fingerprint {old['fingerprint']} "
                 f"vs {plan['fingerprint']}); use another workdir or delete {directory}"
             )
-        return
-    atomic_write_json(path, plan, checksum=True)
 
 
-def batch_path(directory: pathlib.Path, index: int) -> pathlib.Path:
-    return directory / "batches" / f"{index:05d}.npz"
+def batch_owner(index: int, process_count: int) -> int:
+    """The process that stores batch `index`."""
+    return index % process_count
+
+
+def batch_path(directory: pathlib.Path, index: int, *, process: int = 0, process_count: int = 1) -> pathlib.Path:
+    """Where `process` of `process_count` writes batch `index` (a single process: directly in batches/)."""
+    folder = directory / "batches"
+    return (folder if process_count == 1 else folder / f"p{process:05d}") / f"{index:05d}.npz"
+
+
+def _batch_files(directory: pathlib.Path) -> dict[int, pathlib.Path]:
+    """Every stored batch, whichever process wrote it: index -> file."""
+    folder = directory / "batches"
+    if not folder.is_dir():
+        return {}
+    return {int(p.stem): p for pattern in ("*.npz", "p[0-9]*/*.npz") for p in sorted(folder.glob(pattern))}
+
+
+def _stored_batch(directory: pathlib.Path, index: int) -> pathlib.Path:
+    return _batch_files(directory).get(index, batch_path(directory, index))
 
 
 def finished_batches(directory: pathlib.Path) -> set[int]:
-    """Indices of batches whose files exist (complete by construction: written atomically)."""
-    folder = directory / "batches"
-    if not folder.is_dir():
-        return set()
-    return {int(p.stem) for p in folder.glob("*.npz")}
+    """Indices of batches whose files exist (complete by construction: written atomically), of every process."""
+    return set(_batch_files(directory))
 
 
-def write_batch(directory: pathlib.Path, index: int, reps: np.ndarray, example_indices: np.ndarray) -> None:
-    """Stores one batch: reps (L+1, B, D), example_indices (B,)."""
+def write_batch(directory: pathlib.Path, index: int, reps: np.ndarray, example_indices: np.ndarray, *,
+                process: int = 0, process_count: int = 1) -> None:
+    """Stores one batch: reps (L+1, B, D), example_indices (B,), in `process`'s own folder."""
     reps = np.asarray(reps, np.float32)
     if reps.ndim != 3 or reps.shape[1] != len(example_indices):
         raise StoreError(f"batch {index}: reps shape {reps.shape} does not match {len(example_indices)} examples")
     if not np.isfinite(reps).all():
         raise StoreError(f"batch {index}: the model produced NaN/inf representations")
-    atomic_save_npz(batch_path(directory, index), reps=reps, indices=np.asarray(example_indices, np.int64))
+    atomic_save_npz(batch_path(directory, index, process=process, process_count=process_count), reps=reps,
+                    indices=np.asarray(example_indices, np.int64))
 
 
 def read_batch(directory: pathlib.Path, index: int) -> np.ndarray:
     """The stored (L+1, B, D) float32 representations of batch `index` (checksum verified)."""
-    path = batch_path(directory, index)
+    path = _stored_batch(directory, index)
     return files.load_npz(path, fix=_batch_fix(path))["reps"]
 
 
@@ -125,7 +151,10 @@ def _hash_files(paths: Sequence[pathlib.Path], desc: str, work: Any) -> list:
 
 def finalize(directory: pathlib.Path, n_examples: int, *, labels: np.ndarray | None, ids: Sequence[str],
              metadata: dict) -> None:
-    """Assembles per-layer arrays in dataset order from the batch files, then writes the manifest."""
+    """Assembles per-layer arrays in dataset order from the batch files, then writes the manifest (process 0;
+    the other processes return at once)."""
+    if not distributed.is_writer():
+        return
     plan = files.read_json(directory / PLAN, fix=f"delete {directory} and re-run the extraction")
     n_batches = len(plan["batches"])
     missing = sorted(set(range(n_batches)) - finished_batches(directory))
@@ -133,7 +162,8 @@ def finalize(directory: pathlib.Path, n_examples: int, *, labels: np.ndarray | N
         raise StoreError(f"cannot finalize {directory}: batches {missing[:10]} are missing")
     if sorted(i for batch in plan["batches"] for i in batch) != list(range(n_examples)):
         raise StoreError(f"the plan of {directory} does not cover examples 0..{n_examples - 1} exactly once")
-    first = files.load_npz(batch_path(directory, 0), fix=_batch_fix(batch_path(directory, 0)))["reps"]
+    stored = _batch_files(directory)
+    first = files.load_npz(stored[0], fix=_batch_fix(stored[0]))["reps"]
     n_layers, _, dim = first.shape
     del first
     # Stream batch by batch into one memory-mapped file per layer, so memory stays at one batch even
@@ -152,7 +182,7 @@ def finalize(directory: pathlib.Path, n_examples: int, *, labels: np.ndarray | N
             files.preallocate(tmp, out.offset + out.nbytes)
             outputs.append(out)
         for b in range(n_batches):
-            path = batch_path(directory, b)
+            path = stored[b]
             part = files.load_npz(path, fix=_batch_fix(path))
             reps, rows = part["reps"], part["indices"]
             if rows.tolist() != plan["batches"][b]:

@@ -482,7 +482,7 @@ def make_encoder(config: BertConfig, params: Any, settings: Any, examples: Any, 
     """
     from models import text_tokenizer
     from models.protein_tokenizer import round_up
-    from models.registry import FamilyEncoder
+    from models.registry import FamilyEncoder, to_host
 
     del workdir, batch_size
     path = minilm_checkpoint_dir() if settings.source == "minilm" else pathlib.Path(settings.path)
@@ -503,7 +503,7 @@ def make_encoder(config: BertConfig, params: Any, settings: Any, examples: Any, 
 
     def pooled_states(batch: dict) -> np.ndarray:
         pooled = pooled_hidden_states(model, params, batch["input_ids"], batch["attention_mask"], normalize=normalize)
-        return np.asarray(pooled)[:, : batch["rows"]]
+        return to_host(pooled)[:, : batch["rows"]]
 
     description = {"family": "bert", "source": settings.source, "path": str(path), "normalize": normalize}
     return FamilyEncoder(config.num_layers, prepare_batch, pooled_states, description,

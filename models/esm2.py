@@ -731,7 +731,7 @@ def make_encoder(config: ESM2Config, params: Any, settings: Any, examples: Any, 
     "X") and dtype (inference dtype, one cast for every source). `examples`: every sequence analysed
     (`.inputs`, with their `.ids` for error messages), tokenized once up front so a bad one is named first.
     """
-    from models.registry import FamilyEncoder
+    from models.registry import FamilyEncoder, to_host
 
     del workdir, batch_size  # batches are padded to a multiple of 8 rows and 16 positions
     own = settings.esm2
@@ -762,7 +762,7 @@ def make_encoder(config: ESM2Config, params: Any, settings: Any, examples: Any, 
 
     def pooled_states(batch: dict) -> np.ndarray:
         owner, weights = batch["owner"], batch["residues"]
-        pooled = np.asarray(pooled_hidden_states(model, params, batch["tokens"], pooling=pooling))[:, : len(owner)]
+        pooled = to_host(pooled_hidden_states(model, params, batch["tokens"], pooling=pooling))[:, : len(owner)]
         # Windows of one long sequence: average weighted by residues per window.
         out = np.zeros((pooled.shape[0], batch["rows"], pooled.shape[2]), np.float64)
         np.add.at(out, (slice(None), owner), pooled * weights[None, :, None])

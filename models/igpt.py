@@ -511,7 +511,7 @@ def make_encoder(config: IGPTConfig, params: Any, settings: Any, examples: Any, 
     is fitted on every analysed image (`examples.inputs`) and saved in `workdir`. Batches are padded to
     `batch_size` rows so the last, short one reuses the compiled shape.
     """
-    from models.registry import FamilyEncoder
+    from models.registry import FamilyEncoder, to_host
 
     own = settings.igpt
     kind, path = palette_source(settings.source, settings.get("path"), own.get("palette"))
@@ -535,7 +535,7 @@ def make_encoder(config: IGPTConfig, params: Any, settings: Any, examples: Any, 
         return {"tokens": np.concatenate([tokens, filler]), "rows": len(tokens)}
 
     def pooled_states(batch: dict) -> np.ndarray:
-        return np.asarray(pooled_hidden_states(model, params, batch["tokens"], stream=stream))[:, : batch["rows"]]
+        return to_host(pooled_hidden_states(model, params, batch["tokens"], stream=stream))[:, : batch["rows"]]
 
     description = {"family": "igpt", "source": settings.source, "path": str(settings.get("path")), "stream": stream,
                    "config": config.to_dict(),

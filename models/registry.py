@@ -84,6 +84,18 @@ class FamilyEncoder:
     sort_key: Callable[[Any], float] | None = None
 
 
+def to_host(states: Any) -> Any:
+    """A family's pooled states as numpy: a global array spanning several processes (extraction on a
+    multi-process mesh) is gathered first, a collective every process reaches; anything else as is."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if isinstance(states, jax.Array) and not states.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(states, tiled=True))
+    return np.asarray(states)
+
+
 def names() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
