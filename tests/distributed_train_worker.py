@@ -36,6 +36,10 @@ def small_config(model_parallel: int = 1, fsdp: bool = False):
     c.data.max_eval_examples = 64
     c.train.steps, c.train.batch_size, c.train.eval_batch_size = STEPS, 16, 32
     c.train.learning_rate, c.train.warmup_steps = 3e-3, 2
+    # Adam's update is lr * m / (sqrt(v) + eps): a gradient rounded differently by delta (another summation
+    # order over devices or processes) moves a param by up to about lr * delta / eps. With eps = 1e-3 that stays
+    # near float32 rounding; with 1e-8 a gradient entry near 1e-8 turns rounding noise into a visible change.
+    c.train.eps = 1e-3
     c.train.log_interval, c.train.eval_interval = 2, CHECKPOINT_EVERY
     c.train.progress_bar = False
     c.train.model_parallel, c.train.fsdp = model_parallel, fsdp
@@ -59,10 +63,6 @@ def run_step(args, results: dict) -> None:
 
     config = small_config()
     config.train.warmup_steps = 0  # the first step at the full learning rate, so the params move
-    # Adam's first update is lr * g / (|g| + eps): a gradient rounded differently by delta moves a param by up to
-    # lr * delta / eps. With eps = 1e-3 that stays near float32 rounding; with 1e-8 a gradient entry near
-    # 1e-8 turns summation-order noise into a visible change of the parameter.
-    config.train.eps = 1e-3
     data, _ = train_data.load_data("images", config.data, None)
     model_config = train.make_model_config(config, data)
     batch = next(train_data.BatchIterator(data, config.train.batch_size, config.seed))
