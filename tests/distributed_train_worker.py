@@ -8,10 +8,11 @@ XLA_FLAGS=--xla_force_host_platform_device_count=<devices> in this process's env
     python tests/distributed_train_worker.py train --workdir W --out out.npz [--crash-at 6] [--model-parallel 2] \
         [--process-id 0 --num-processes 2 --port 12345]
 
-`step`: one training step from the same state and batch on a 1-device mesh, data-parallel over 8 devices, and
-FSDP over a (4, 2) mesh; writes every layout's new state and metrics. `train`: `train.train` on
-`small_config`, optionally crashed (an exception from `on_step`) at a step and resumed; process 0 writes the
-final checkpoint's state (gathered) and every process writes the paths it opened for writing in the workdir.
+`step`: one training step from the same state and batch on a 1-device mesh, data-parallel over 8 devices,
+FSDP over a (4, 2) mesh, and plainly jitted without a mesh; writes every layout's new state and metrics.
+`train`: `train.train` on `small_config`, optionally crashed (an exception from `on_step`) at a step and
+resumed; process 0 writes the final checkpoint's state (gathered) and every process writes the paths it
+opened for writing in the workdir.
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def run_step(args, results: dict) -> None:
                                               for leaf in jax.tree.leaves(new_state["params"]))
         _flat(f"{name}/state", jax.device_get(new_state), results)
         _flat(f"{name}/metrics", jax.device_get(metrics), results)
+    # The step as it was before meshes: plain jit on the default device, no shardings.
+    optimizer, train_loss = train.make_optimizer(config.train), train.make_loss_fns(model_config, config.train)[0]
+    new_state, metrics = jax.jit(train.make_train_step(train_loss, optimizer))(
+        train.init_state(model_config, optimizer, config.seed), batch)
+    _flat("plain/state", jax.device_get(new_state), results)
+    _flat("plain/metrics", jax.device_get(metrics), results)
 
 
 def _record_writes(workdir: pathlib.Path, written: set[str]) -> None:
