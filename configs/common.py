@@ -35,6 +35,10 @@ def training(*, gpu: bool, steps: int, learning_rate: float, warmup_steps: int, 
     train.log_interval = 50 if gpu else 25
     train.eval_interval = 1000 if gpu else 100
     train.progress_bar = True
+    # Devices (experiments/train.py): the batch is split over the "data" mesh axis (devices / model_parallel);
+    # model_parallel > 1 (or fsdp, which needs it) shards params and optimizer state over the "model" axis.
+    train.model_parallel = 1
+    train.fsdp = False
     return train
 
 

@@ -216,6 +216,8 @@ TRAINING: dict[str, Check] = {
     "train.log_interval": integer(1),
     "train.eval_interval": integer(1),
     "train.progress_bar": boolean,
+    "train.model_parallel": integer(1),
+    "train.fsdp": boolean,
     "checkpoint.interval": integer(1),
     "checkpoint.max_to_keep": integer(1),
     "checkpoint.async_save": boolean,

@@ -15,14 +15,23 @@ function of it:
     seeded permutation per epoch and a seeded crop per batch; that position is the "data" item
     (JSON) and is checked against the step on restore.
 A run killed after the checkpoint at step s and restarted continues from s and reaches bit-identical
-parameters (tests/test_train.py). Metrics and eval records are tied to checkpoints: on resume from s
-every record after s is dropped (and a run killed before its first checkpoint starts its log afresh),
-as is a half-written last line, so `metrics.jsonl` and `train_result.json` read as one uninterrupted run.
+parameters (tests/test_train.py; sharded: tests/test_distributed_train.py). Metrics and eval records are
+tied to checkpoints: on resume from s every record after s is dropped (and a run killed before its first
+checkpoint starts its log afresh), as is a half-written last line, so `metrics.jsonl` and
+`train_result.json` read as one uninterrupted run.
 
 Damaged checkpoints: each checkpoint's "data" item records a SHA-256 of the state it was saved with.
 A latest checkpoint that cannot be read or does not match it is named in a warning, moved to
 `checkpoints_damaged/<step>`, and the run resumes from the newest good one. Only one process trains in
 a workdir at a time (`experiments.files.workdir_lock`); a second one exits naming the first.
+
+Devices and processes. The step is jit-compiled over `distributed.make_mesh(config.train.model_parallel)`:
+the global batch sharded over "data", params and optimizer state replicated, or (model_parallel > 1, or
+`train.fsdp`) sharded over "model". Every process draws the same global batch from `BatchIterator` and
+hands its devices only their rows, so 1 device and 8 train on the same batches. Checkpoints hold the
+sharded arrays (each process writes its shards; restored into the mesh's shardings). Process 0 alone writes
+the shared files (config, metrics, results, TensorBoard, plot); every process runs every step, evaluation
+and checkpoint.
 
 Workdir layout:
   config.json        the ConfigDict (written atomically at the start; checked on resume)
@@ -52,9 +61,12 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from experiments import tensorboard
+from experiments import distributed, tensorboard
 from experiments.files import CorruptFileError, atomic_write_json, atomic_write_text, workdir_lock
 from experiments.train_data import BatchIterator, TrainData, load_data
 from models import registry
@@ -194,13 +206,13 @@ def init_state(model_config, optimizer: optax.GradientTransformation, seed: int)
 
 
 def make_train_step(train_loss: Callable, optimizer: optax.GradientTransformation) -> Callable:
-    """jit-compiled (state, batch) -> (state, metrics). The step key is split off the state's RNG.
+    """(state, batch) -> (state, metrics), to be jit-compiled (`_step_functions`). The step key is split off
+    the state's RNG.
 
     No buffer donation: Orbax may still be reading the previous state's buffers on CPU, where
     host "copies" can alias device memory; these models are small enough not to need it.
     """
 
-    @jax.jit
     def train_step(state, batch):
         rng, step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         (loss, aux), grads = jax.value_and_grad(train_loss, has_aux=True)(state["params"], batch, step_key)
@@ -214,24 +226,37 @@ def make_train_step(train_loss: Callable, optimizer: optax.GradientTransformatio
 
 
 @functools.lru_cache(maxsize=8)
-def _step_functions(model_config: Any,
-                    train_json: str) -> tuple[optax.GradientTransformation, Callable, Callable, optax.Schedule]:
-    """(optimizer, jitted train_step, jitted eval_sums, schedule), cached per (model config, config.train)
-    so repeated runs in one process (resume, tests) reuse the compiled steps."""
+def _step_functions(model_config: Any, train_json: str, mesh: Mesh,
+                    fsdp: bool) -> tuple[optax.GradientTransformation, Callable, Callable, optax.Schedule, dict]:
+    """(optimizer, jitted train_step, jitted eval_sums, schedule, state shardings), cached per (model config,
+    config.train, mesh) so repeated runs in one process (resume, tests) reuse the compiled steps.
+
+    train_step(state, batch [B, T] sharded over "data") -> (state, metrics replicated);
+    eval_sums(params, rows [B, T] and valid [B] sharded over "data", key data uint32 [2]) -> (sum, count).
+    """
     train_settings = ml_collections.ConfigDict(json.loads(train_json))
     optimizer = make_optimizer(train_settings)
     train_loss, eval_sums = make_loss_fns(model_config, train_settings)
-    return optimizer, make_train_step(train_loss, optimizer), jax.jit(eval_sums), make_schedule(train_settings)
+    shardings = state_shardings(jax.eval_shape(functools.partial(init_state, model_config, optimizer, 0)), mesh, fsdp)
+    replicated = NamedSharding(mesh, P())
+    train_step = jax.jit(make_train_step(train_loss, optimizer), in_shardings=(shardings, distributed.batch_sharding(
+        mesh, 2)), out_shardings=(shardings, replicated))
+    eval_step = jax.jit(lambda params, rows, valid, key: eval_sums(params, rows, valid, jax.random.wrap_key_data(key)),
+                        in_shardings=(shardings["params"], distributed.batch_sharding(mesh, 2),
+                                      distributed.batch_sharding(mesh, 1), replicated), out_shardings=replicated)
+    return optimizer, train_step, eval_step, make_schedule(train_settings), shardings
 
 
-def evaluate(eval_sums: Callable, params: Any, val: np.ndarray, batch_size: int, seed: int) -> float:
-    """Held-out loss (per predicted token) over every row of `val` [N, T], in fixed-size batches.
+def evaluate(eval_sums: Callable, params: Any, val: np.ndarray, batch_size: int, seed: int, mesh: Mesh) -> float:
+    """Held-out loss (per predicted token) over every row of `val` [N, T], in fixed-size batches sharded over
+    the "data" axis of `mesh`; every process calls it.
 
     The masking key of eval batch i is fold_in(key(seed), i): the same corruption at every evaluation,
     so the curve measures the model, not masking noise. The last batch is padded with ignored rows.
     """
     total, count = 0.0, 0.0
     base = jax.random.key(seed)
+    replicated = NamedSharding(mesh, P())
     for i, start in enumerate(range(0, len(val), batch_size)):
         rows = val[start : start + batch_size]
         valid = np.zeros(batch_size, np.float32)
@@ -239,9 +264,84 @@ def evaluate(eval_sums: Callable, params: Any, val: np.ndarray, batch_size: int,
         if len(rows) < batch_size:
             filler = np.repeat(rows[:1], batch_size - len(rows), axis=0)
             rows = np.concatenate([rows, filler])
-        s, c = eval_sums(params, jnp.asarray(rows), jnp.asarray(valid), jax.random.fold_in(base, i))
-        total, count = total + float(s), count + float(c)
+        key = to_mesh(jax.random.key_data(jax.random.fold_in(base, i)), replicated)
+        s, c = eval_sums(params, global_batch(rows, distributed.batch_sharding(mesh, 2)),
+                         global_batch(valid, distributed.batch_sharding(mesh, 1)), key)
+        total, count = total + float(host_copy(s)), count + float(host_copy(c))
     return total / max(count, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices: the mesh, the shardings of state and batches
+
+
+def training_mesh(train_settings: ml_collections.ConfigDict) -> tuple[Mesh, bool]:
+    """(mesh over every device of every process, whether params and optimizer state are sharded) for
+    `config.train`: model_parallel (size of the "model" axis, default 1) and fsdp (default False)."""
+    model_parallel = int(train_settings.get("model_parallel", 1))
+    fsdp = bool(train_settings.get("fsdp", False))
+    if fsdp and model_parallel == 1:
+        raise ValueError("train.fsdp=True shards params and optimizer state over the 'model' mesh axis, whose size "
+                         "train.model_parallel is 1 (nothing to shard over): set train.model_parallel to a divisor "
+                         f"> 1 of the device count {jax.device_count()}, or train.fsdp=False")
+    mesh = distributed.make_mesh(model_parallel)
+    check_batch_sizes(train_settings, mesh.shape["data"])
+    return mesh, fsdp or model_parallel > 1
+
+
+def check_batch_sizes(train_settings: ml_collections.ConfigDict, data_parallel: int) -> None:
+    """The training and evaluation batches are split evenly over the "data" mesh axis of size `data_parallel`."""
+    for key in ("batch_size", "eval_batch_size"):
+        if train_settings[key] % data_parallel:
+            raise ValueError(f"train.{key}={train_settings[key]} is not a multiple of the 'data' mesh axis "
+                             f"({data_parallel} = devices / train.model_parallel): each device takes an equal share "
+                             f"of the batch; use a multiple of {data_parallel}")
+
+
+def state_shardings(state: Any, mesh: Mesh, fsdp: bool) -> dict:
+    """A NamedSharding per leaf of a training state (concrete or abstract): params and optimizer state
+    as `distributed.param_shardings`, the step and the RNG replicated."""
+    replicated = NamedSharding(mesh, P())
+    return {"params": distributed.param_shardings(state["params"], mesh, fsdp),
+            "opt_state": distributed.param_shardings(state["opt_state"], mesh, fsdp),
+            "step": replicated, "rng": replicated}
+
+
+def to_mesh(tree: Any, shardings: Any) -> Any:
+    """Host or single-device arrays holding the same values on every process -> global arrays laid out
+    as `shardings` (a matching pytree); each process places only the pieces its devices hold."""
+
+    def put(leaf, sharding):
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
+    """The rows of a [B, ...] array that this process's devices hold under `sharding` (one contiguous block:
+    `distributed.make_mesh` puts each process's devices consecutively)."""
+    spans = sorted({(index[0].start or 0, shape[0] if index[0].stop is None else index[0].stop)
+                    for index in sharding.addressable_devices_indices_map(shape).values()})
+    for (_, stop), (start, _) in zip(spans, spans[1:], strict=False):
+        if start != stop:
+            raise ValueError(f"this process's devices hold the non-contiguous rows {spans} of a batch of {shape[0]}; "
+                             "make train.model_parallel divide the local device count")
+    return slice(spans[0][0], spans[-1][1])
+
+
+def global_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The global batch [B, ...] (the same on every process) as one jax.Array sharded as `sharding`, each
+    process contributing only its own rows."""
+    return jax.make_array_from_process_local_data(sharding, batch[process_rows(sharding, batch.shape)], batch.shape)
+
+
+def host_copy(x: jax.Array | np.ndarray) -> np.ndarray:
+    """The whole value of an array on this host; an array spread over other processes' devices is gathered
+    (a collective: every process must call it, in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,20 +372,23 @@ class CheckpointError(RuntimeError):
 
 
 def state_digest(state: Any) -> str:
-    """SHA-256 of a state pytree: every leaf's path, dtype, shape and bytes (on the host)."""
+    """SHA-256 of a state pytree: every leaf's path, dtype, shape and bytes of its whole (global) value, so the
+    same on every process and for every sharding. Sharded over several processes it gathers (a collective)."""
     h = hashlib.sha256()
-    leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(state))
+    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
     for path, leaf in leaves:
-        a = np.ascontiguousarray(leaf)
+        a = np.ascontiguousarray(host_copy(leaf))
         h.update(f"{jax.tree_util.keystr(path)}\0{a.dtype.str}\0{a.shape}\0".encode())
         h.update(a.tobytes())
     return h.hexdigest()
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, template: dict) -> tuple[dict, dict]:
-    """(state, data) of checkpoint `step`; `CheckpointError` naming the step if it is unreadable or damaged."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            template)
+    """(state, data) of checkpoint `step`, laid out as `template`'s shardings (a leaf without one: on this
+    process's first device); `CheckpointError` naming the step if it is unreadable or damaged."""
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local), template)
     where = f"checkpoint {step} ({mngr.directory / str(step)})"
     try:
         out = mngr.restore(step, args=ocp.args.Composite(
@@ -366,7 +469,8 @@ def train(
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with workdir_lock(workdir, "train"):
+    # Each process of a multi-process job holds its own lock: they share the workdir, a second job is refused.
+    with workdir_lock(workdir, "train", process_index=jax.process_index()):
         return _train(config, workdir, on_step)
 
 
@@ -374,16 +478,26 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
     train_settings, checkpoint_settings = config.train, config.checkpoint
     t_start = time.perf_counter()
 
-    data, split = load_data(training_family(config).TRAINING_DATA, config.data, workdir)
+    writer = distributed.is_writer()
+    mesh, fsdp = training_mesh(train_settings)
+    # Process 0 first: it fits and saves the iGPT palette that the other processes then read.
+    if writer:
+        data, split = load_data(training_family(config).TRAINING_DATA, config.data, workdir)
+    distributed.barrier("train: data loaded")
+    if not writer:
+        data, split = load_data(training_family(config).TRAINING_DATA, config.data, workdir)
     model_config = make_model_config(config, data)
-    optimizer, train_step, eval_sums, schedule = _step_functions(model_config, train_settings.to_json(sort_keys=True))
+    optimizer, train_step, eval_sums, schedule, shardings = _step_functions(
+        model_config, train_settings.to_json(sort_keys=True), mesh, fsdp)
+    batch_sharding = distributed.batch_sharding(mesh, 2)
 
     _check_resume_config(workdir, config)
-    atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
-    atomic_write_text(workdir / "model_config.json", json.dumps(registry.config_to_json(model_config), indent=2))
-    atomic_write_text(workdir / "data_split.json", json.dumps({"info": data.info, **split}))
+    if writer:
+        atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+        atomic_write_text(workdir / "model_config.json", json.dumps(registry.config_to_json(model_config), indent=2))
+        atomic_write_text(workdir / "data_split.json", json.dumps({"info": data.info, **split}))
 
-    state = init_state(model_config, optimizer, config.seed)
+    state = to_mesh(init_state(model_config, optimizer, config.seed), shardings)
     n_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
     iterator = BatchIterator(data, train_settings.batch_size, config.seed, max_residues=config.data.get("max_residues"))
     metrics_path = workdir / "metrics.jsonl"
@@ -393,16 +507,18 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
         restored = _restore_newest_good(mngr, state)
         if restored is not None and restored[3]:  # damaged newer checkpoints: out of the way of new saves
             mngr.close()
-            for step in restored[3]:
+            for step in restored[3] if writer else ():
                 target = workdir / "checkpoints_damaged" / str(step)
                 shutil.rmtree(target, ignore_errors=True)
                 target.parent.mkdir(exist_ok=True)
                 shutil.move(workdir / "checkpoints" / str(step), target)
                 logging.warning("moved damaged checkpoint %d to %s; resuming from checkpoint %d", step, target,
                                 restored[0])
+            distributed.barrier("train: damaged checkpoints moved")
             mngr = _manager(workdir, checkpoint_settings)
         latest = None if restored is None else restored[0]
-        _truncate_metrics(metrics_path, latest)
+        if writer:
+            _truncate_metrics(metrics_path, latest)
         if latest is not None:
             _, state, data_state, _ = restored
             expected = BatchIterator.position_after(latest, iterator.steps_per_epoch)
@@ -413,19 +529,21 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
         start = int(state["step"])
         kept = set(keep_steps(checkpoint_settings))
         if latest is None:  # a fresh start (a run resumed from a step-0 checkpoint has this record already)
-            loss0 = evaluate(eval_sums, state["params"], data.val, train_settings.eval_batch_size, config.seed)
-            _append_jsonl(metrics_path, {"kind": "eval", "step": 0, "loss": loss0,
-                                         "time_s": time.perf_counter() - t_start})
+            loss0 = evaluate(eval_sums, state["params"], data.val, train_settings.eval_batch_size, config.seed, mesh)
+            if writer:
+                _append_jsonl(metrics_path, {"kind": "eval", "step": 0, "loss": loss0,
+                                             "time_s": time.perf_counter() - t_start})
             if 0 in kept:  # after the record: a kill in between starts afresh rather than losing it
                 _save_checkpoint(mngr, 0, state, iterator)
 
-        bar = tqdm(total=train_settings.steps, initial=start, disable=not train_settings.get("progress_bar", True),
+        bar = tqdm(total=train_settings.steps, initial=start,
+                   disable=not (writer and train_settings.get("progress_bar", True)),
                    desc=f"train {model_config.__class__.__name__}", dynamic_ncols=True)
         pending, tokens, examples = [], 0, 0
         t_log, compile_s = time.perf_counter(), None
         for step in range(start + 1, train_settings.steps + 1):
             batch = next(iterator)
-            state, m = train_step(state, jnp.asarray(batch))
+            state, m = train_step(state, global_batch(batch, batch_sharding))
             pending.append(m)
             if compile_s is None:  # the first step of a run compiles: keep it out of the throughput
                 jax.block_until_ready(m)
@@ -437,7 +555,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
             if step % train_settings.log_interval == 0 or step == train_settings.steps:
                 # The loss is averaged over every step since the last record (the same steps whether
                 # or not the run was resumed in between), throughput over the timed ones.
-                fetched = jax.device_get(pending)
+                fetched = jax.tree.map(host_copy, pending)
                 dt = max(time.perf_counter() - t_log, 1e-9)
                 rec = {
                     "kind": "train", "step": step,
@@ -448,14 +566,16 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
                     "examples_per_s": examples / dt if examples else None,
                     "time_s": time.perf_counter() - t_start,
                 }
-                _append_jsonl(metrics_path, rec)
+                if writer:
+                    _append_jsonl(metrics_path, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{(rec['tokens_per_s'] or 0):.0f}")
                 pending, tokens, examples, t_log = [], 0, 0, time.perf_counter()
             t_pause = time.perf_counter()
             if step % train_settings.eval_interval == 0 or step == train_settings.steps:
-                loss = evaluate(eval_sums, state["params"], data.val, train_settings.eval_batch_size, config.seed)
-                _append_jsonl(metrics_path, {"kind": "eval", "step": step, "loss": loss,
-                                             "time_s": time.perf_counter() - t_start})
+                loss = evaluate(eval_sums, state["params"], data.val, train_settings.eval_batch_size, config.seed, mesh)
+                if writer:
+                    _append_jsonl(metrics_path, {"kind": "eval", "step": step, "loss": loss,
+                                                 "time_s": time.perf_counter() - t_start})
             if step % checkpoint_settings.interval == 0 or step == train_settings.steps or step in kept:
                 _save_checkpoint(mngr, step, state, iterator)
             t_log += time.perf_counter() - t_pause  # evaluation and checkpointing are not training throughput
@@ -466,6 +586,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
         mngr.wait_until_finished()
     finally:
         mngr.close()
+    distributed.barrier("train: finished")  # every process reads the metrics process 0 has written by now
 
     evals = [r for r in read_metrics(workdir) if r["kind"] == "eval"]
     result = {
@@ -475,8 +596,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
         "compile_s": compile_s if train_settings.steps > start else None, "wall_time_s": time.perf_counter() - t_start,
         "workdir": str(workdir),
     }
-    atomic_write_json(workdir / "train_result.json", result, checksum=True)
-    plot_metrics(workdir)
+    if writer:
+        atomic_write_json(workdir / "train_result.json", result, checksum=True)
+        plot_metrics(workdir)
     return result
 
 
