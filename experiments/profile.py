@@ -185,11 +185,24 @@ def write_cache_entry(path: pathlib.Path, key: str, arrays: dict[str, np.ndarray
     atomic_save_npz(path, **{_KEY: np.array(key)}, **arrays)
 
 
-def cached(path: pathlib.Path, key: dict, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
+def _cache_text(key: dict) -> str:
+    return json.dumps({"format": _CACHE_FORMAT, **key}, sort_keys=True)
+
+
+def cached(path: pathlib.Path, key: dict, compute: Callable[[], dict], *,
+           collective: bool = False) -> dict[str, np.ndarray]:
     """`compute()` as numpy arrays, read from `path` when it holds the result for `key`, else computed and
-    stored there (replacing whatever the file held). A hit and a fresh computation return the same values."""
-    text = json.dumps({"format": _CACHE_FORMAT, **key}, sort_keys=True)
+    stored there (replacing whatever the file held). A hit and a fresh computation return the same values.
+
+    collective: `compute` is a collective of every process (the device ring across processes), so it
+    runs on all of them unless every process has the result: one process's hit cannot leave the others
+    waiting in the ring.
+    """
+    text = _cache_text(key)
     hit = read_cache_entry(path, text)
+    if collective and jax.process_count() > 1:
+        everyone = np.asarray(multihost_utils.process_allgather(np.array([hit is not None])))
+        hit = hit if bool(everyone.all()) else None
     if hit is not None:
         return hit
     arrays = {name: np.asarray(value) for name, value in compute().items()}
@@ -248,7 +261,8 @@ def layer_metrics(x, keep: np.ndarray, labels: np.ndarray | None, cfg: ml_collec
         return {"distances": dist, "indices": idx}
 
     prefix = cache_dir / f"layer_{layer:03d}"
-    neighbours = cached(pathlib.Path(f"{prefix}_graph.npz"), {"result": "knn_graph", **data, "k": k}, graph)
+    neighbours = cached(pathlib.Path(f"{prefix}_graph.npz"), {"result": "knn_graph", **data, "k": k}, graph,
+                        collective=not local)
     out = {"indices": neighbours["indices"]}
     out.update(cached(pathlib.Path(f"{prefix}_ids.npz"), {"result": "ids", **data, "k": k, **_options(cfg, ID_OPTIONS)},
                       lambda: id_metrics(neighbours["distances"], cfg)))
