@@ -23,6 +23,9 @@ The whole scaling curves (decimation and GRIDE) are saved either way, and `resul
 layer, TwoNN, decimated TwoNN and GRIDE at `gride_rank` with their relative spread
 (`estimator_agreement`). `selection_branch` says which branch of the rule fired (idjax/selection.py);
 `selected_layer` is null when the profile has no significant peak or minimum.
+
+Several processes (`jax.distributed`) share the work as `process_mode` decides: whole layers per process,
+or every layer on the device ring across processes; process 0 probes and writes the files.
 """
 
 from __future__ import annotations
