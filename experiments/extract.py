@@ -214,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     with files.workdir_lock(workdir, "extract"):
         if directory.parent.absolute() != workdir.absolute() and not store.is_complete(directory):
             logging.info("waiting for the shared store %s (another job may be extracting it)", directory)
-        with files.workdir_lock(directory.parent, "extract", wait=True):
+        with files.workdir_lock(directory.parent.resolve(), "extract", wait=True):  # one lock path per store
             return _run(config, directory)
 
 
