@@ -211,10 +211,13 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """
     workdir = pathlib.Path(workdir)
     directory = store.store_dir(workdir)
+    home = directory.parent.resolve()  # one lock path per store, however an entry's link names it
     with files.workdir_lock(workdir, "extract"):
-        if directory.parent.absolute() != workdir.absolute() and not store.is_complete(directory):
+        if home == workdir.resolve():
+            return _run(config, directory)
+        if not store.is_complete(directory):
             logging.info("waiting for the shared store %s (another job may be extracting it)", directory)
-        with files.workdir_lock(directory.parent.resolve(), "extract", wait=True):  # one lock path per store
+        with files.workdir_lock(home, "extract", wait=True):
             return _run(config, directory)
 
 
