@@ -197,3 +197,42 @@ def test_sweep_entry_names_are_unique_directories(tmp_path):
     config_file.write_text(SWEEP_FILE.replace('f"k{k}"', '"stores"'))
     with pytest.raises(cli.UserError, match="name 'stores' must be a unique directory name"):
         cli.sweep_configs(base.analysis_config(), str(config_file))
+
+
+HOLD_LOCK = textwrap.dedent('''
+    import sys, time
+    from experiments import files
+    with files.workdir_lock(sys.argv[1], "extract"):
+        print("held", flush=True)
+        time.sleep(float(sys.argv[2]))
+''')
+
+
+@pytest.mark.slow
+def test_a_job_reaching_a_store_being_extracted_waits_then_uses_it(tmp_path, monkeypatch):
+    (tmp_path / "user" / "user_wait").mkdir(parents=True)
+    (tmp_path / "user" / "user_wait" / "__init__.py").write_text("")
+    (tmp_path / "user" / "user_wait" / "net.py").write_text(COUNTING_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path / "user"))
+    monkeypatch.setenv("COUNT_FILE", str(tmp_path / "calls"))
+    config = base.analysis_config()
+    config.experiment = "extract"
+    config.model.encoder = "user_wait.net:make_encoder"
+    config.data.name = "digits"
+    config.data.max_examples = 100
+    config.extract.batch_size = 50
+    cli.share_store(config, tmp_path / "a", tmp_path)
+    cli.share_store(config, tmp_path / "b", tmp_path)
+    home = store.store_dir(tmp_path / "a").parent.resolve()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(home), "3"], cwd=REPO_ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another job is extracting this store
+        extract.run(config, tmp_path / "a")  # waits for it, then extracts (the holder wrote nothing)
+        assert holder.poll() == 0  # it did wait: the holder had exited
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len((tmp_path / "calls").read_text().splitlines()) == 2
+    extract.run(config, tmp_path / "b")
+    assert len((tmp_path / "calls").read_text().splitlines()) == 2  # found complete: no model call
