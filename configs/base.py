@@ -82,6 +82,7 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.profile = ml_collections.ConfigDict()
     config.profile.k_max = 64
     config.profile.sharded = "auto"  # auto: device ring (idjax.sharded) when > 1 device | always | never
+    config.profile.processes = "auto"  # several processes: auto | layers (whole layers per process) | ring
     config.profile.verify_store = True  # check the store's files against their SHA-256 on load (one streamed pass)
     config.profile.twonn_fraction = 0.9
     config.profile.gride_range_max = 64

@@ -5,7 +5,11 @@
 Dispatches on `config.experiment`: extract | profile | probe | probe_study | train | full | synthetic. With
 `--sweep`, the config file's `get_sweep(arg)` gives a list of runs (name + flattened overrides such
 as {"model.path": ..., "profile.k_max": 32}); each runs in DIR/<name>, one after another (each
-resumable), and their profiles are then overlaid in DIR/sweep_*.pdf/png and summarised in DIR/sweep.json.
+resumable), and their profiles are then overlaid in DIR/sweep_*.pdf/png and summarised in DIR/sweep.json
+and DIR/sweep.md. `--sweep --sweep_index=I [--sweep_count=N]` runs entry I only (a job array's task);
+`--sweep --summarize` writes the summary of the entries finished so far and runs nothing. Entries that
+extract the same thing (same extraction fingerprint: model, data, pooling, dtype...) share one store,
+DIR/stores/<fingerprint>/ (with a fitted iGPT palette), which DIR/<name>/store.json points to.
 
 Every mistake a user can make (a flag, an override key or value, a path, missing data or checkpoint
 files) is reported in at most two lines on stderr that name the flag or file and the fix; the
@@ -35,6 +39,10 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and figures.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Run every entry of the config file's get_sweep(arg).")
+_SWEEP_INDEX = flags.DEFINE_integer("sweep_index", None, "With --sweep: run only entry I (0-based; a job array task).")
+_SWEEP_COUNT = flags.DEFINE_integer("sweep_count", None, "With --sweep_index: the number of entries the job array "
+                                    "expects; checked against get_sweep(arg).")
+_SUMMARIZE = flags.DEFINE_bool("summarize", False, "With --sweep: summarise the finished entries, run nothing.")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (after overrides) and exit.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors (also IDJAX_DEBUG=1).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process job: host:port of process 0 "
@@ -116,6 +124,8 @@ flags:
   --config.KEY=VALUE    override one key, e.g. --config.profile.k_max=32 --config.model.path=/ckpt/esm2
   --workdir=DIR         results, checkpoints and figures (every stage resumes there)
   --sweep               run each entry of the config file's get_sweep(arg) in DIR/<name> and overlay them
+  --sweep_index=I       with --sweep: run entry I only (a job array task); --sweep_count=N checks the count
+  --summarize           with --sweep: overlay and tabulate the finished entries (sweep.json, sweep.md), run nothing
   --print_config        print the resolved config (after overrides) and exit
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
                         one process of a multi-process job (jax.distributed; process 0 writes shared files)
@@ -221,7 +231,15 @@ def _missing_file_message(path: str | pathlib.Path, key: str) -> str:
 
 
 def _store_complete(workdir: pathlib.Path) -> bool:
-    return (workdir / "representations" / "manifest.json").is_file()
+    from experiments import store
+
+    return store.is_complete(store.store_dir(workdir))
+
+
+def _store_dir(workdir: pathlib.Path) -> pathlib.Path:
+    from experiments import store
+
+    return store.store_dir(workdir)
 
 
 def preflight(config, workdir: pathlib.Path) -> list[str]:
@@ -234,7 +252,7 @@ def preflight(config, workdir: pathlib.Path) -> list[str]:
         found += _model_problems(config)
         found += _data_problems(config.data)
     if experiment in ("profile", "probe") and not _store_complete(workdir):
-        found.append(f"--workdir={workdir}: no finished representations in {workdir / 'representations'}; "
+        found.append(f"--workdir={workdir}: no finished representations in {_store_dir(workdir)}; "
                      "run --config.experiment=extract (or full) there first")
     if experiment == "probe_study":
         found += _model_problems(config)
@@ -335,9 +353,13 @@ def sweep_entries(config_arg: str) -> list[dict]:
     return module.get_sweep(arg or None)
 
 
+SHARED_STORES = "stores"  # DIR/stores/<extraction fingerprint>/: the stores sweep entries share
+
+
 def sweep_configs(config, config_arg: str) -> list:
     """One validated child config per sweep entry (all checked before the first run starts)."""
     children = []
+    names: set[str] = set()
     for i, entry in enumerate(sweep_entries(config_arg)):
         child = copy.deepcopy(config)
         overrides = entry.get("overrides", {})
@@ -349,37 +371,97 @@ def sweep_configs(config, config_arg: str) -> list:
         with child.unlocked():
             child.update_from_flattened_dict(overrides)
             child.name = entry.get("name", f"run{i}")
+        name = child.name
+        if not isinstance(name, str) or name in names or name in (SHARED_STORES, "", ".", "..") or "/" in name:
+            raise UserError(f"sweep entry {i}: name {name!r} must be a unique directory name other than "
+                            f"{SHARED_STORES!r} (the shared stores live in DIR/{SHARED_STORES})")
+        names.add(name)
         children.append(child)
     return children
 
 
-def run_sweep(config, workdir: pathlib.Path) -> None:
-    from experiments import report
+def share_store(child, entry_dir: pathlib.Path, sweep_dir: pathlib.Path) -> None:
+    """Points an entry that extracts at DIR/stores/<its extraction fingerprint>/, so entries that differ
+    only after extraction (profile or probe options) extract once. An entry that trains its own model
+    first, or only reads a store (profile, probe), keeps its own workdir's store."""
+    from experiments import extract, store
 
-    children = sweep_configs(config, config_flags.get_config_filename(FLAGS["config"]))
+    trains = child.get("training") and not child.model.get("encoder")
+    if child.experiment not in ("extract", "full") or trains:
+        return
+    key = extract.extraction_fingerprint(child)
+    store.point_to_store(entry_dir, store.shared_store_home(sweep_dir / SHARED_STORES, key), key)
+
+
+def chosen_entries(n_entries: int, index: int | None, count: int | None, where: str) -> list[int]:
+    """The entries this run executes: all, or `index` (checked against `count` and the sweep's length)."""
+    if index is None:
+        if count is not None:
+            raise UserError("--sweep_count is given without --sweep_index: pass --sweep_index=I as well (or "
+                            "drop --sweep_count to run every entry)")
+        return list(range(n_entries))
+    if count is not None and count != n_entries:
+        raise UserError(f"--sweep_count={count}, but {where} lists {n_entries} entries: submit a job array of "
+                        f"{n_entries} tasks (indices 0..{n_entries - 1}) and pass --sweep_count={n_entries}")
+    if not 0 <= index < n_entries:
+        raise UserError(f"--sweep_index={index} is outside 0..{n_entries - 1}: {where} lists {n_entries} entries")
+    return [index]
+
+
+def summarize_sweep(children: Sequence, workdir: pathlib.Path) -> dict:
+    """Overlays the finished entries' profiles (DIR/sweep_*.png/pdf) and writes DIR/sweep.json and DIR/sweep.md;
+    entries without results.json are listed as missing. Runs nothing."""
+    from experiments import report
+    from experiments.files import atomic_write_json, atomic_write_text, load_npz, read_json
+
+    runs, rows, missing = [], [], []
     for child in children:
+        entry = workdir / child.name
+        if not (entry / "results.json").is_file():
+            missing.append(child.name)
+            continue
+        fix = f"delete it and re-run the sweep entry {child.name}"
+        results = read_json(entry / "results.json", fix=fix)
+        runs.append((child.name, results, load_npz(entry / "profile.npz", fix=fix)))
+        rows.append(report.sweep_row(results))
+    if not runs:
+        raise UserError(f"no sweep entry has finished in {workdir} (no {workdir}/<name>/results.json for "
+                        f"{', '.join(missing)}): run the entries first (--sweep, or --sweep --sweep_index=I each)")
+    figures = report.write_figures(workdir, runs, prefix="sweep_")
+    summary = {"runs": rows, "missing": missing, "figures": [f.name for f in figures]}
+    atomic_write_json(workdir / "sweep.json", summary, checksum=True)
+    atomic_write_text(workdir / "sweep.md", report.sweep_markdown(rows, missing))
+    print(report.sweep_markdown(rows, missing))
+    print(f"sweep of {len(runs)} finished runs ({len(missing)} missing): {workdir / 'sweep.json'}, "
+          f"{workdir / 'sweep.md'}; figures: {', '.join(str(workdir / f.name) for f in figures)}")
+    return summary
+
+
+def run_sweep(config, workdir: pathlib.Path, *, index: int | None = None, count: int | None = None,
+              summarize: bool = False) -> None:
+    """Runs the sweep's entries (all, or entry `index` only) then summarises; `summarize`: summarise only."""
+    config_file = config_flags.get_config_filename(FLAGS["config"])
+    children = sweep_configs(config, config_file)
+    if summarize:
+        if index is not None or count is not None:
+            raise UserError("--summarize runs nothing, so it takes no --sweep_index/--sweep_count: drop them")
+        summarize_sweep(children, workdir)
+        return
+    chosen = [children[i] for i in chosen_entries(len(children), index, count, f"get_sweep of {config_file}")]
+    for child in chosen:
         problems = preflight(child, workdir / child.name)
         if problems:
             raise UserError(f"sweep run {child.name!r}: " + "; ".join(problems))
-    runs, summary = [], []
-    for i, child in enumerate(children):
-        name = child.name
-        logging.info("sweep %d/%d: %s", i + 1, len(children), name)
-        results = run_one(child, workdir / name)
-        if isinstance(results, dict) and "id" in results:
-            from experiments.files import load_npz
-
-            arrays = load_npz(workdir / name / "profile.npz", fix=f"delete it and re-run the sweep entry {name}")
-            runs.append((name, results, arrays))
-            summary.append({k: results.get(k) for k in ("name", "selected_layer", "peak_layer", "best_overlap_layer",
-                                                         "id", "n_points", "selection_rule")})
-    if runs:
-        figures = report.write_figures(workdir, runs, prefix="sweep_")
-        from experiments.files import atomic_write_json
-
-        atomic_write_json(workdir / "sweep.json", {"runs": summary, "figures": [str(f) for f in figures]},
-                          checksum=True)
-        print(f"sweep of {len(runs)} runs: {workdir / 'sweep.json'}; figures: {', '.join(map(str, figures))}")
+    for child in chosen:
+        share_store(child, workdir / child.name, workdir)
+    for child in chosen:
+        logging.info("sweep %d/%d: %s", children.index(child) + 1, len(children), child.name)
+        run_one(child, workdir / child.name)
+    if index is None:
+        summarize_sweep(children, workdir)
+    else:
+        print(f"sweep entry {index} ({chosen[0].name}) done in {workdir / chosen[0].name}; when every entry has "
+              "run, `--sweep --summarize` overlays and tabulates them")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -425,8 +507,13 @@ def main(argv: Sequence[str]) -> None:
         from experiments import distributed
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        sweep_only = [name for name, flag in (("--sweep_index", _SWEEP_INDEX.value is not None),
+                                              ("--sweep_count", _SWEEP_COUNT.value is not None),
+                                              ("--summarize", _SUMMARIZE.value)) if flag]
+        if sweep_only and not _SWEEP.value:
+            raise UserError(f"{', '.join(sweep_only)} act on a sweep: add --sweep (the config file's get_sweep)")
         if _SWEEP.value:
-            run_sweep(config, workdir)
+            run_sweep(config, workdir, index=_SWEEP_INDEX.value, count=_SWEEP_COUNT.value, summarize=_SUMMARIZE.value)
         else:
             problems = preflight(config, workdir)
             if problems:

@@ -144,6 +144,7 @@ ANALYSIS: dict[str, Check] = {
     "extract.memory_headroom": real(0, 1, low_open=True),
     "profile.k_max": integer(2),
     "profile.sharded": choice("auto", "always", "never"),
+    "profile.processes": choice("auto", "layers", "ring"),
     "profile.verify_store": boolean,
     "profile.twonn_fraction": real(0, 1, low_open=True),
     "profile.gride_range_max": integer(2),

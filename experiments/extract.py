@@ -394,34 +394,57 @@ def check_same_model(directory: pathlib.Path, encoder: Encoder, batch: int) -> N
             f"{directory} to extract again")
 
 
+def _reads_arrays(config: ml_collections.ConfigDict) -> bool:
+    return config.data.name == "arrays" and not config.data.get("source")
+
+
+def extraction_fingerprint(config: ml_collections.ConfigDict, examples: Examples | None = None) -> str:
+    """What an extraction produces, as a short hash: the model and data configs and the data the loader
+    returns (its description and a digest of its ids and labels), so changed data re-extracts; no model
+    is loaded. `examples`: the loaded data (loaded here when None)."""
+    arrays = _reads_arrays(config)
+    if examples is None and not arrays:
+        examples = load_examples(config.data)
+    return store.fingerprint({**{key: config[key].to_dict() for key in ("model", "data")},
+                              **({} if arrays else {"examples": datasets.identity(examples)})})
+
+
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Extracts pooled representations of every layer into `workdir/representations` (resumable).
+    """Extracts pooled representations of every layer into the workdir's store (resumable):
+    `workdir/representations`, or the shared store `workdir/store.json` names (`store.point_to_store`).
 
     Holds the workdir's lock (`experiments.files.workdir_lock`; one per process of a multi-process job): a
-    second job on the same workdir is refused.
+    second job on the same workdir is refused. A shared store's directory is locked too, waiting: of several
+    jobs reaching one store, the first extracts and the others then find it complete.
 
     Files: each process writes only its own batch files (`store.batch_path`); process 0 writes the shared
     plan.json, the layer files, labels.npy, ids.json and manifest.json (`store.open_plan`, `store.finalize`),
     after barriers that order them with the other processes' batch files.
     """
-    with files.workdir_lock(workdir, "extract", process_index=jax.process_index()):
-        return _run(config, pathlib.Path(workdir))
-
-
-def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    workdir = pathlib.Path(workdir)
     directory = store.store_dir(workdir)
-    # What is extracted: the config and the data the loader returns (its description and a digest of
-    # its ids and labels), so changed data re-extracts; no model is loaded to decide whether to skip.
-    arrays = config.data.name == "arrays" and not config.data.get("source")
+    home = directory.parent.resolve()  # one lock path per store, however an entry's link names it
+    process = jax.process_index()
+    with files.workdir_lock(workdir, "extract", process_index=process):
+        if home == workdir.resolve():
+            return _run(config, directory)
+        if not store.is_complete(directory):
+            logging.info("waiting for the shared store %s (another job may be extracting it)", directory)
+        with files.workdir_lock(home, "extract", wait=True, process_index=process):
+            return _run(config, directory)
+
+
+def _run(config: ml_collections.ConfigDict, directory: pathlib.Path) -> dict:
+    arrays = _reads_arrays(config)
     examples = None if arrays else load_examples(config.data)
-    requested = store.fingerprint({**{key: config[key].to_dict() for key in ("model", "data")},
-                                   **({} if arrays else {"examples": datasets.identity(examples)})})
+    requested = extraction_fingerprint(config, examples)
     if store.is_complete(directory):
         manifest = store.read_manifest(directory)
         if manifest["metadata"].get("config_fingerprint") != requested:
             raise store.StoreError(
                 f"{directory} holds representations of a different model or dataset (config fingerprint "
-                f"{manifest['metadata'].get('config_fingerprint')} vs {requested}); use another workdir"
+                f"{manifest['metadata'].get('config_fingerprint')} vs {requested}); use another workdir (or delete "
+                f"{directory} to extract again)"
             )
         logging.info("representations already complete in %s; skipping extraction", directory)
         return manifest
@@ -429,7 +452,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         from experiments import array_data
 
         return array_data.extract(config, directory, requested)
-    encoder = build_encoder(config.model, examples, config.extract.batch_size, workdir, config.extract)
+    # Files that produced the store (a fitted iGPT palette) live beside it, shared with it.
+    encoder = build_encoder(config.model, examples, config.extract.batch_size, directory.parent, config.extract)
     description = {"model": encoder.description, "data": examples.description, "ids_head": list(examples.ids[:5]),
                    "config_fingerprint": requested}
     store.open_plan(directory, encoder.plan, description)

@@ -23,12 +23,17 @@ The whole scaling curves (decimation and GRIDE) are saved either way, and `resul
 layer, TwoNN, decimated TwoNN and GRIDE at `gride_rank` with their relative spread
 (`estimator_agreement`). `selection_branch` says which branch of the rule fired (idjax/selection.py);
 `selected_layer` is null when the profile has no significant peak or minimum.
+
+Several processes (`jax.distributed`) share the work as `process_mode` decides: whole layers per process,
+or every layer on the device ring across processes; process 0 probes and writes the files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 import idjax
@@ -61,19 +67,77 @@ def _common_keep(layers: list[np.ndarray], policy: str) -> tuple[np.ndarray, lis
     return np.flatnonzero(keep), per_layer
 
 
-def knn_graph(x: np.ndarray, k: int, sharded: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def knn_graph(x: np.ndarray, k: int, sharded: str = "auto", *, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The kNN graph as host arrays: on one device `idjax.knn`; on several (GPUs, a TPU slice, or hosts
     after `jax.distributed.initialize`) the device ring of `idjax.sharded.knn_sharded`.
 
     sharded: "auto" (the ring when more than one device is visible), "always" or "never".
+    local: only this process's devices (a layer profiled by one process of several), no collective.
     """
     if sharded not in ("auto", "always", "never"):
         raise ValueError(f"profile.sharded must be auto, always or never; got {sharded!r}")
-    if sharded == "always" or (sharded == "auto" and jax.device_count() > 1):
-        result = idjax.sharded.gather_to_host(idjax.sharded.knn_sharded(x, k))
+    devices = jax.local_devices() if local else jax.devices()
+    if sharded == "always" or (sharded == "auto" and len(devices) > 1):
+        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+        result = idjax.sharded.gather_to_host(idjax.sharded.knn_sharded(x, k, mesh=mesh))
     else:
         result = idjax.knn(x, k)
     return np.asarray(result.distances), np.asarray(result.indices)
+
+
+PROCESS_MODES = ("auto", "layers", "ring")
+
+
+def process_mode(n_points: int, dim: int, k: int, cfg: ml_collections.ConfigDict) -> str:
+    """How the layers of a profile are spread over the processes of a multi-process job:
+
+      "single"  one process: every layer on its devices (the ring over them when it has several).
+      "layers"  whole layers over processes: process p profiles layers i with i % process_count == p on its
+                own devices, and the results are gathered; no collective inside a layer.
+      "ring"    every layer on the device ring across all processes, one layer after another.
+
+    `profile.processes="auto"` takes "layers" when one layer's kNN search fits one process's devices
+    (`idjax.plan_knn` with the local device count: its memory model, half of each device's memory) and
+    "ring" when only the memory of every process together holds it. Process 0 decides for all, so hosts
+    with different memory cannot disagree.
+    """
+    if jax.process_count() == 1:
+        return "single"
+    choice = cfg.get("processes", "auto")
+    if choice not in PROCESS_MODES:
+        raise ValueError(f"profile.processes must be one of {', '.join(PROCESS_MODES)}; got {choice!r}")
+    if choice == "auto":
+        try:
+            idjax.plan_knn(n_points, dim, k, devices=jax.local_device_count())
+            choice = "layers"
+        except MemoryError:
+            choice = "ring"
+    code = multihost_utils.broadcast_one_to_all(np.int32(PROCESS_MODES.index(choice)))
+    return PROCESS_MODES[int(code)]
+
+
+def _pack(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return np.frombuffer(buffer.getvalue(), np.uint8)
+
+
+def gather_layers(mine: dict[int, dict[str, np.ndarray]], n_layers: int) -> list[dict[str, np.ndarray]]:
+    """Every layer's metrics on every process, from the layers each computed (layer i on process
+    i % process_count). Exact: the arrays travel as bytes (float64 stays float64), one round of
+    `multihost_utils.process_allgather` per process_count layers."""
+    count, me = jax.process_count(), jax.process_index()
+    per_layer: list = [None] * n_layers
+    for start in range(0, n_layers, count):
+        payload = _pack(mine[start + me]) if start + me < n_layers else np.zeros(0, np.uint8)
+        sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(count)
+        padded = np.zeros(int(sizes.max()), np.uint8)
+        padded[: payload.size] = payload
+        everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(count, -1)
+        for p in range(min(count, n_layers - start)):
+            with np.load(io.BytesIO(everyone[p, : sizes[p]].tobytes()), allow_pickle=False) as stored:
+                per_layer[start + p] = {name: stored[name] for name in stored.files}
+    return per_layer
 
 
 # Which profile options each cached per-layer result depends on. Every other option (the ID that drives
@@ -124,11 +188,24 @@ def write_cache_entry(path: pathlib.Path, key: str, arrays: dict[str, np.ndarray
     atomic_save_npz(path, **{_KEY: np.array(key)}, **arrays)
 
 
-def cached(path: pathlib.Path, key: dict, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
+def _cache_text(key: dict) -> str:
+    return json.dumps({"format": _CACHE_FORMAT, **key}, sort_keys=True)
+
+
+def cached(path: pathlib.Path, key: dict, compute: Callable[[], dict], *,
+           collective: bool = False) -> dict[str, np.ndarray]:
     """`compute()` as numpy arrays, read from `path` when it holds the result for `key`, else computed and
-    stored there (replacing whatever the file held). A hit and a fresh computation return the same values."""
-    text = json.dumps({"format": _CACHE_FORMAT, **key}, sort_keys=True)
+    stored there (replacing whatever the file held). A hit and a fresh computation return the same values.
+
+    collective: `compute` is a collective of every process (the device ring across processes), so it
+    runs on all of them unless every process has the result: one process's hit cannot leave the others
+    waiting in the ring.
+    """
+    text = _cache_text(key)
     hit = read_cache_entry(path, text)
+    if collective and jax.process_count() > 1:
+        everyone = np.asarray(multihost_utils.process_allgather(np.array([hit is not None])))
+        hit = hit if bool(everyone.all()) else None
     if hit is not None:
         return hit
     arrays = {name: np.asarray(value) for name, value in compute().items()}
@@ -166,14 +243,14 @@ def label_metrics(idx: np.ndarray, labels: np.ndarray, label_ks) -> dict[str, np
 
 
 def layer_metrics(x, keep: np.ndarray, labels: np.ndarray | None, cfg: ml_collections.ConfigDict, seed: int, *,
-                  layer: int, identity: dict, cache_dir: pathlib.Path) -> dict[str, np.ndarray]:
+                  layer: int, identity: dict, cache_dir: pathlib.Path, local: bool = False) -> dict[str, np.ndarray]:
     """Everything computed from one layer's representation, each part cached under the key of exactly
     what produced it: the kNN graph (data, points, k), the IDs from it (+ twonn_fraction,
     gride_range_max), the decimation curve (data, points, its options, seed) and the label overlaps
     (graph, labels, label_ks). A changed option recomputes only the parts it enters.
 
     x: the stored (N_all, D) layer; keep: the (N,) rows used; labels: (N,) or None;
-    identity: `store_identity(reps, keep)`.
+    identity: `store_identity(reps, keep)`; local: the graph on this process's devices only (`knn_graph`).
     """
     data = {"store": identity["store"], "layer": layer, "layer_digest": identity["layer_digests"][layer],
             "kept_digest": identity["kept_digest"]}
@@ -183,11 +260,12 @@ def layer_metrics(x, keep: np.ndarray, labels: np.ndarray | None, cfg: ml_collec
         return np.asarray(x, np.float32)[keep]
 
     def graph() -> dict[str, np.ndarray]:
-        dist, idx = knn_graph(rows(), k, cfg.get("sharded", "auto"))
+        dist, idx = knn_graph(rows(), k, cfg.get("sharded", "auto"), local=local)
         return {"distances": dist, "indices": idx}
 
     prefix = cache_dir / f"layer_{layer:03d}"
-    neighbours = cached(pathlib.Path(f"{prefix}_graph.npz"), {"result": "knn_graph", **data, "k": k}, graph)
+    neighbours = cached(pathlib.Path(f"{prefix}_graph.npz"), {"result": "knn_graph", **data, "k": k}, graph,
+                        collective=not local)
     out = {"indices": neighbours["indices"]}
     out.update(cached(pathlib.Path(f"{prefix}_ids.npz"), {"result": "ids", **data, "k": k, **_options(cfg, ID_OPTIONS)},
                       lambda: id_metrics(neighbours["distances"], cfg)))
@@ -326,13 +404,17 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
     labels = None if reps.labels is None else np.asarray(reps.labels)[keep]
     n_layers = len(reps.layers)
     identity = store_identity(reps, keep)
-    per_layer = []
     start = time.perf_counter()
-    with tqdm(total=n_layers, desc="profile", unit="layer", dynamic_ncols=True) as bar:
-        for layer, x in enumerate(reps.layers):
-            per_layer.append(layer_metrics(x, keep, labels, cfg, seed + layer, layer=layer, identity=identity,
-                                           cache_dir=cache_dir))
+    mode = process_mode(len(keep), reps.layers[0].shape[1], min(cfg.k_max, len(keep) - 1), cfg)
+    mine = [layer for layer in range(n_layers)
+            if mode != "layers" or layer % jax.process_count() == jax.process_index()]
+    computed = {}
+    with tqdm(total=len(mine), desc="profile", unit="layer", dynamic_ncols=True) as bar:
+        for layer in mine:
+            computed[layer] = layer_metrics(reps.layers[layer], keep, labels, cfg, seed + layer, layer=layer,
+                                            identity=identity, cache_dir=cache_dir, local=mode == "layers")
             bar.update(1)
+    per_layer = gather_layers(computed, n_layers) if mode == "layers" else [computed[i] for i in range(n_layers)]
     k_overlap = min(cfg.overlap_k, per_layer[0]["indices"].shape[1])
     adjacent = np.array([idjax.data_overlap(per_layer[i]["indices"], per_layer[i + 1]["indices"], k_overlap)
                          for i in range(n_layers - 1)])
@@ -363,7 +445,7 @@ def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict,
         "id": ids.tolist(), "id_err": errs.tolist(), "peak_layer": choice.peak, "selected_layer": choice.selected,
         "selection_branch": choice.branch, "estimator_agreement": estimator_agreement(per_layer, cfg),
         "selection_rule": choice.rule, "adjacent_overlap_k": k_overlap, "adjacent_overlap": adjacent.tolist(),
-        "profile_seconds": time.perf_counter() - start, **extra_summary,
+        "profile_seconds": time.perf_counter() - start, "process_mode": mode, **extra_summary,
         "representations_identity": identity,
     }
     if labels is not None:
@@ -477,12 +559,14 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    reps = store.load(store.store_dir(workdir), verify=config.profile.get("verify_store", True))
+    directory = store.store_dir(workdir)
+    reps = store.load(directory, verify=config.profile.get("verify_store", True))
     logging.info("profiling %d layers x %d examples (devices: %s)", len(reps.layers), len(reps.ids), jax.devices())
     job_start = time.perf_counter()
     summary, arrays = compute_profile(reps, config.profile, workdir / "profile_layers", seed=config.get("seed", 0))
     probe_start = time.perf_counter()
-    if reps.labels is not None and config.get("probe") and config.probe.enabled:
+    writer = jax.process_index() == 0  # every process computes its share; process 0 probes and writes
+    if writer and reps.labels is not None and config.get("probe") and config.probe.enabled:
         probes = run_probes(reps, arrays["kept_indices"], config.probe, config.profile.overlap_k,
                             cache_dir=workdir / "profile_layers", identity=summary["representations_identity"])
         summary["probes"] = probes
@@ -492,10 +576,14 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     meta = reps.manifest["metadata"]
     results = {"name": config.get("name", workdir.name), "model": meta.get("model"), "data": meta.get("data"),
                "label_names": meta.get("label_names"), **summary,
+               "representations": {"path": os.path.relpath(directory, workdir),
+                                   "fingerprint": meta.get("config_fingerprint")},
                "config": json.loads(config.to_json_best_effort())}
     results["provenance"] = report.provenance(results["config"])
     results["wall_seconds"] = {"extract": meta.get("extract_seconds"), "profile": probe_start - job_start,
                                "probes": time.perf_counter() - probe_start}
+    if not writer:
+        return results
     atomic_save_npz(workdir / "profile.npz", **arrays)
     # Figures are redrawn from these results on every run, and results.json (which lists them) is
     # written last: a figure an earlier run drew and this one does not (e.g. label overlap, once the

@@ -278,6 +278,40 @@ def summary_markdown(results: dict) -> str:
 # Provenance and report.md
 
 
+def sweep_row(results: dict) -> dict:
+    """One sweep entry's line of sweep.json and sweep.md, from its results.json."""
+    selected = results.get("selected_layer")
+    probes = results.get("probes", {})
+    return {"name": results.get("name"), "peak_layer": results.get("peak_layer"), "selected_layer": selected,
+            "id_at_selected": None if selected is None else results["id"][selected],
+            "id_at_selected_err": None if selected is None else results["id_err"][selected],
+            "best_overlap_layer": results.get("best_overlap_layer"), "best_probe_layer": probes.get("best_probe_layer"),
+            "best_probe_metric": probes.get("best_probe_metric"), "id": results.get("id"),
+            "id_estimator": results.get("id_estimator"), "n_points": results.get("n_points"),
+            "selection_rule": results.get("selection_rule"),
+            "representations": results.get("representations", {}).get("path")}
+
+
+def sweep_markdown(rows: Sequence[dict], missing: Sequence[str]) -> str:
+    """sweep.md: one line per finished entry (ID peak, selected layer and its ID, best label-overlap and
+    probe layers, store) and the entries that have no results yet."""
+
+    def cell(value) -> str:
+        return "-" if value is None else str(value)
+
+    lines = ["| entry | ID peak layer | selected layer | ID there | best label-overlap layer | best probe layer "
+             "| store |", "|---|---:|---:|---|---:|---:|---|"]
+    for row in rows:
+        at = "-" if row["id_at_selected"] is None else \
+            f"{row['id_at_selected']:.2f} +- {row['id_at_selected_err']:.2f} ({row['id_estimator']})"
+        lines.append(f"| {row['name']} | {cell(row['peak_layer'])} | {cell(row['selected_layer'])} | {at} | "
+                     f"{cell(row['best_overlap_layer'])} | {cell(row['best_probe_layer'])} | "
+                     f"{cell(row['representations'])} |")
+    lines.append("")
+    lines.append(f"Missing (no results.json yet): {', '.join(missing)}" if missing else "Missing: none")
+    return "\n".join(lines) + "\n"
+
+
 def provenance(config_json: dict | None = None) -> dict:
     """What produced a result: idjax version, git commit, jax/flax versions, devices, config hash."""
     import hashlib

@@ -53,8 +53,33 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+POINTER = "store.json"
+
+
 def store_dir(workdir: pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(workdir) / "representations"
+    """The store a workdir uses: `workdir/representations`, or the shared store its `store.json` names
+    (sweep entries with the same extraction fingerprint share one, `shared_store_home`)."""
+    workdir = pathlib.Path(workdir)
+    pointer = workdir / POINTER
+    if pointer.is_file():
+        record = files.read_json(pointer, fix=f"delete it and re-run (the entry then extracts into {workdir})")
+        return workdir / record["representations"]
+    return workdir / "representations"
+
+
+def shared_store_home(stores: pathlib.Path, extraction_fingerprint: str) -> pathlib.Path:
+    """The directory of the store of one extraction fingerprint among shared stores: `stores/<fingerprint>/`
+    holds `representations/` and whatever else produced it (a fitted iGPT palette)."""
+    return pathlib.Path(stores) / extraction_fingerprint
+
+
+def point_to_store(workdir: pathlib.Path, home: pathlib.Path, extraction_fingerprint: str) -> None:
+    """Makes `workdir` use the store in `home` (a relative link in `workdir/store.json`, so the tree can move)."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(pathlib.Path(home) / "representations", workdir)
+    atomic_write_json(workdir / POINTER, {"representations": relative, "fingerprint": extraction_fingerprint},
+                      checksum=True)
 
 
 def _without_locations(obj: Any) -> Any:

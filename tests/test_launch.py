@@ -54,7 +54,7 @@ def test_sweep_runs_each_entry_and_overlays(tmp_path):
     # Different seeds give different random models, hence different profiles.
     assert summary["runs"][0]["id"] != summary["runs"][1]["id"]
     for figure in summary["figures"]:
-        assert os.path.getsize(figure) > 10_000
+        assert os.path.getsize(tmp_path / "wd" / figure) > 10_000
 
 
 def test_overrides_and_unknown_experiment(tmp_path):
