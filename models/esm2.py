@@ -715,8 +715,9 @@ def make_encoder(config: ESM2Config, params: Any, settings: Any, examples: Any, 
 
     `settings.esm2`: pooling ("mean" | "cls"), long_policy / max_residues (sequences longer than the
     model's window: "error", "crop", or "windows", averaged weighted by residues), unknown ("error" |
-    "X"), dtype (inference dtype, one cast for every source) and attention (`attention.CHOICES`). `examples`: every sequence analysed
-    (`.inputs`, with their `.ids` for error messages), tokenized once up front so a bad one is named first.
+    "X"), dtype (inference dtype, one cast for every source) and attention (`attention.CHOICES`).
+    `examples`: every sequence analysed (`.inputs`, with their `.ids` for error messages), tokenized once up
+    front so a bad one is named first.
     """
     from models.registry import FamilyEncoder
 
