@@ -36,8 +36,8 @@ Memory-mapped files (`preallocate`) need a local file system; a remote path is r
 Where this module lives, and why: these are the pipeline's storage rules, not geometry, so they sit on
 the pipeline side rather than in `idjax/` (the library of pure array functions). The model code saves
 through them too (`models/checkpoints.py`, `models/palette.py`), so this module imports only the
-standard library and numpy, never another `experiments` or `models` module: `models` -> `experiments.files`
-is then a dependency on a leaf, and `experiments` -> `models` cannot close a cycle. `idjax.Profile.save`
+standard library, numpy and etils.epath, never another `experiments` or `models` module:
+`models` -> `experiments.files` is then a dependency on a leaf, and `experiments` -> `models` cannot close a cycle. `idjax.Profile.save`
 and `.load` reach it like every other pipeline module, through `idjax.layer_profile.import_pipeline`
 when called, so `import idjax` never imports the pipeline (tests/test_repository_layout.py checks both).
 """
