@@ -198,11 +198,13 @@ def _agree_across_processes(name: str) -> str:
 _chosen: dict[str, str] = {}
 
 
-def choose(shape: Sequence[int], dtype, *, measure: Callable[..., dict] = time_candidates) -> str:
+def choose(shape: Sequence[int], dtype, *, measure: Callable[..., dict] | None = None) -> str:
     """The fastest implementation for q of `shape` [B, T, H, hd] and `dtype` on this machine.
 
     Looked up in memory, then in the cache file; measured (and recorded in both) when neither has it.
-    Work below `MIN_PROBED_WORK` is not measured (heads_major). Called at trace time: shapes are static.
+    Work below `MIN_PROBED_WORK` is not measured (heads_major). Called at trace time (shapes are static):
+    the measurement runs its own compiled functions on concrete inputs while the caller's trace waits.
+    measure: `time_candidates` unless given (tests pass their own).
     """
     b, t, h, hd = shape
     if b * h * t * t * hd < MIN_PROBED_WORK:
@@ -212,7 +214,7 @@ def choose(shape: Sequence[int], dtype, *, measure: Callable[..., dict] = time_c
         path = cache_path()
         entry = _read_cache(path).get(key)
         if not (isinstance(entry, dict) and entry.get("choice") in IMPLEMENTATIONS):
-            seconds = measure(shape, dtype, candidates(dtype))
+            seconds = (measure or time_candidates)(shape, dtype, candidates(dtype))
             entry = {"choice": min(seconds, key=seconds.get), "shape": list(shape),
                      "ms": {name: round(s * 1e3, 3) for name, s in seconds.items()}}
             log.info("attention for %s: %s (measured, ms: %s)", key, entry["choice"], entry["ms"])

@@ -29,7 +29,7 @@ def numpy_attention(q, k, v, key_mask):
 def random_inputs(b=3, t=24, h=4, hd=8, seed=0):
     rng = np.random.default_rng(seed)
     q, k, v = (rng.normal(size=(b, t, h, hd)).astype(np.float32) for _ in range(3))
-    lengths = np.array([t, t // 2, 5])[:b]
+    lengths = np.resize([t, t // 2, 5], b)
     key_mask = np.arange(t)[None, :] < lengths[:, None]
     return q, k, v, key_mask
 
@@ -122,3 +122,12 @@ def test_the_real_probe_times_every_cpu_candidate(fresh_cache):
 def test_the_key_names_the_processor_and_bucket():
     key = attention.choice_key((3, 100, 20, 24), jnp.float32)
     assert key.endswith("|float32|bh64|t128|hd24") and attention.processor_name() in key
+
+
+def test_auto_measures_inside_a_jit_trace_and_computes_the_same(fresh_cache):
+    """The choice is made while the model is being traced: the probe must run there and change nothing."""
+    q, k, v, key_mask = random_inputs(b=8, t=64, h=16, hd=16)  # 8.4M multiply-adds: measured
+    got = jax.jit(functools.partial(attention.attend, implementation="auto"))(q, k, v, key_mask)
+    np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, key_mask), atol=2e-6, rtol=1e-5)
+    (entry,) = json.loads(fresh_cache.read_text()).values()
+    assert entry["shape"] == [8, 64, 16, 16] and entry["choice"] == min(entry["ms"], key=entry["ms"].get)
