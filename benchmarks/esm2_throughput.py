@@ -1,7 +1,7 @@
 """ESM-2 forward throughput: the jitted Flax port against the torch HF reference, same model, same batches.
 
     .venv/bin/python benchmarks/esm2_throughput.py [--sizes 8M,35M] [--dtype float32|bfloat16]
-        [--n-seqs 64] [--batch-size 16] [--repeats 3] [--attention einsum|xla|cudnn] [--no-torch]
+        [--n-seqs 64] [--batch-size 16] [--repeats 3] [--attention auto,einsum,...] [--no-torch]
 
 One random-init HF `EsmForMaskedLM` per size is converted with `models.esm2.convert_state_dict`
 (the loader's own path), so both sides run identical weights. Inputs are the first `--n-seqs` SCOPe
@@ -12,12 +12,16 @@ holds the compilation, reported separately). Columns:
   flax full    model.apply -> logits + all L+1 hidden states (what HF returns with output_hidden_states)
   flax pooled  `pooled_hidden_states` (mean over residues per layer: what the pipeline runs)
   torch HF     EsmForMaskedLM(..., output_hidden_states=True) under inference_mode
+`--attention` takes a comma-separated list of `models.attention.CHOICES`: each gets its own "flax full"
+row, timed in the same interleaved passes as torch, so the ratios of one run compare like with like.
+"auto" rows say what the timed choice picked for each batch shape (measured first, outside the timing).
 The last column checks that both compute the same thing: max-abs difference of the final hidden state.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -31,7 +35,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from experiments import protein_datasets  # noqa: E402
-from models import esm2  # noqa: E402
+from models import attention, esm2  # noqa: E402
 from models import protein_tokenizer as tk  # noqa: E402
 
 
@@ -71,7 +75,8 @@ def main() -> None:
     parser.add_argument("--n-seqs", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
+    parser.add_argument("--attention", default="auto,einsum",
+                        help=f"comma-separated, each one of {', '.join(attention.CHOICES)}")
     parser.add_argument("--torch-threads", default=f"1,{os.cpu_count() or 1}",
                         help="thread counts to try for torch; the best is reported (OpenMP with all cores "
                              "collapses on a machine shared with other jobs, one thread then wins)")
@@ -107,18 +112,23 @@ def main() -> None:
                 ref = ref.to(torch.bfloat16)
         else:
             state = esm2.to_hf_state_dict(base, esm2.init_params(base))
-        config, params = esm2.convert_state_dict(state, base.replace(attention_impl=args.attention), source="hf",
+        impls = args.attention.split(",")
+        config, params = esm2.convert_state_dict(state, base.replace(attention_impl=impls[0]), source="hf",
                                                  dtype=args.dtype)
         params = jax.device_put(params)
-        model = esm2.ESM2(config)
-        apply = jax.jit(model.apply)
+        applies = {impl: jax.jit(esm2.ESM2(config.replace(attention_impl=impl)).apply) for impl in impls}
+        picked = "-"
+        if "auto" in impls:  # the timed choice runs (or is read from its cache) here, outside the timing
+            picked = ", ".join(sorted({f"T{b.shape[1]}: " + attention.choose(
+                (b.shape[0], b.shape[1], config.num_heads, config.head_dim), config.jnp_dtype) for b in batches},
+                key=lambda text: int(text[1:].split(":")[0])))
 
-        def run_full(batch_list, apply=apply, params=params):
+        def run_full(batch_list, apply, params=params):
             outs = [apply({"params": params}, jnp.asarray(batch)) for batch in batch_list]
             jax.block_until_ready(outs)
             return outs
 
-        def run_pooled(batch_list, model=model, params=params):
+        def run_pooled(batch_list, model=esm2.ESM2(config), params=params):  # noqa: B008 - bound per size
             outs = [esm2.pooled_hidden_states(model, params, batch) for batch in batch_list]
             jax.block_until_ready(outs)
             return outs
@@ -134,34 +144,39 @@ def main() -> None:
                 return fn(batch_list)
             return run
 
-        fns = {"full": run_full, "pooled": run_pooled}
+        fns = {f"full {impl}": functools.partial(run_full, apply=apply) for impl, apply in applies.items()}
+        fns["pooled"] = run_pooled
         if torch is not None:
             for n in sorted({int(threads) for threads in args.torch_threads.split(",")}):
                 fns[f"torch{n}"] = with_threads(run_torch, n)
         first, best = interleaved_times(fns, batches, args.repeats)
-        row = {"size": size, "compile": first["full"] - best["full"], "diff": float("nan"), "torch": float("nan"),
-               "threads": "-",
-               **{name: n_tokens / seconds for name, seconds in best.items() if not name.startswith("torch")}}
+        torch_rate, threads, want = float("nan"), "-", None
         if torch is not None:
             name = min((k for k in best if k.startswith("torch")), key=best.get)
-            row["torch"], row["threads"] = n_tokens / best[name], name[len("torch"):]
-            b = batches[-1]
+            torch_rate, threads = n_tokens / best[name], name[len("torch"):]
             with torch.inference_mode():
-                want = run_torch([b])[0].hidden_states[-1].float().numpy()
-            got = np.asarray(apply({"params": params}, jnp.asarray(b))["hidden_states"][-1], np.float32)
-            row["diff"] = float(np.abs(got - want).max())
-        rows.append(row)
+                want = run_torch([batches[-1]])[0].hidden_states[-1].float().numpy()
+        for impl, apply in applies.items():
+            diff = float("nan")
+            if want is not None:
+                got = np.asarray(apply({"params": params}, jnp.asarray(batches[-1]))["hidden_states"][-1], np.float32)
+                diff = float(np.abs(got - want).max())
+            rows.append({"size": size, "impl": impl + (f" ({picked})" if impl == "auto" else ""),
+                         "full": n_tokens / best[f"full {impl}"], "pooled": n_tokens / best["pooled"],
+                         "torch": torch_rate, "threads": threads, "diff": diff,
+                         "compile": first[f"full {impl}"] - best[f"full {impl}"]})
         print(f"  {size}: done", flush=True)
 
-    header = ("| size | dtype | flax full tok/s | flax pooled tok/s | torch HF tok/s (threads) | flax/torch | "
-              "jit compile s | max-abs last state |")
+    header = ("| size | dtype | attention | flax full tok/s | flax pooled tok/s | torch HF tok/s (threads) | "
+              "flax full / torch | jit compile s | max-abs last state |")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+    print(f"(flax pooled uses attention {impls[0]})")
     print()
     print(header)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 9)
     for r in rows:
         ratio = r["full"] / r["torch"] if r["torch"] == r["torch"] else float("nan")
-        print(f"| {r['size']} | {args.dtype} | {r['full']:,.0f} | {r['pooled']:,.0f} | "
+        print(f"| {r['size']} | {args.dtype} | {r['impl']} | {r['full']:,.0f} | {r['pooled']:,.0f} | "
               f"{r['torch']:,.0f} ({r['threads']}) | {ratio:.2f} | {r['compile']:.1f} | {r['diff']:.1e} |")
 
 

@@ -42,6 +42,9 @@ def analysis_config() -> ml_collections.ConfigDict:
     config.model.esm2.long_policy = "crop"  # error | crop | windows (mean of windows, weighted by residues)
     config.model.esm2.max_residues = 1022  # residues per sequence or window
     config.model.esm2.unknown = "error"  # error | X
+    # auto (the fastest on this machine, measured once per shape and cached) | einsum | heads_major |
+    # heads_major_deferred | xla | cudnn: models/attention.py
+    config.model.esm2.attention = "auto"
     config.model.igpt = ml_collections.ConfigDict()
     config.model.igpt.stream = "paper"  # paper (ln_1 stream) | residual
     # .npy / preprocessor_config.json | "fit" (k-means); unset: the checkpoint's own clusters (hf; refused

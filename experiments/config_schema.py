@@ -119,6 +119,7 @@ ANALYSIS: dict[str, Check] = {
     "model.esm2.long_policy": choice("error", "crop", "windows"),
     "model.esm2.max_residues": integer(1, 1022),
     "model.esm2.unknown": choice("error", "X"),
+    "model.esm2.attention": choice("auto", "einsum", "heads_major", "heads_major_deferred", "xla", "cudnn"),
     "model.igpt.stream": choice("paper", "residual"),
     "model.igpt.palette": optional_text,
     "model.bert.normalize": boolean,

@@ -1,9 +1,19 @@
 """Files the pipeline writes: atomic, checksummed, verified on read, and one process per workdir.
 
+Paths: every helper takes an `etils.epath.PathLike` (a str, `pathlib.Path` or `epath.Path`), so a
+workdir can be local or on an object store (`gs://bucket/...`, `s3://...`, through epath's fsspec or
+tf.io.gfile backends). What each backend can guarantee differs, and is stated where it does.
+
 Atomic: every writer goes through `atomic_open`: write to a temporary file in the same directory,
-flush and fsync, then `os.replace` onto the final name (atomic on POSIX), so a run killed mid-write
-never leaves a truncated file that looks complete. A write that fails (a full disk) raises an `OSError`
-naming the file and leaves the previous version, if any, in place.
+then rename it onto the final name, so a run killed mid-write never leaves a truncated file that
+looks complete. Locally the temporary file is flushed and fsynced and `os.replace` is atomic (POSIX).
+On an object store the rename is a server-side copy then a delete: the final object still appears
+only whole (objects are created at the end of their upload), and a failed write leaves the previous
+version in place, but a run killed between the copy and the delete leaves a `.<name>.*.tmp` object
+behind (never read; delete it at leisure). The temporary object matters there: a store may publish an
+object when its handle is closed, so writing the final name directly would publish half a file when
+the writer raises. A write that fails (a full disk) raises an `OSError` naming the file and leaves the
+previous version, if any, in place.
 
 Checksummed: `atomic_save_npz` stores a SHA-256 of its arrays AND of the file's own name inside the
 archive (`load_npz` recomputes both, so a flipped byte or one file copied over another is caught);
@@ -16,13 +26,18 @@ naming the file and saying what to delete or re-run.
 One process per workdir: `workdir_lock` holds an exclusive `flock` on `<workdir>/.idjax.lock` for the
 duration of a job; a second job on the same workdir exits with a `WorkdirBusyError` naming the holder
 (pid, host, start time, command). The kernel releases the lock when its holder dies, so a killed run
-never leaves a stale lock behind.
+never leaves a stale lock behind. An object store has no `flock`: there the lock is the lock object
+itself (created with the holder's details, deleted on exit), which is weaker in two ways, both stated in
+the message a second job gets: two jobs starting at the same moment can both miss the other's object,
+and a killed run leaves its object behind (delete it once that job is surely gone).
+
+Memory-mapped files (`preallocate`) need a local file system; a remote path is refused with that reason.
 
 Where this module lives, and why: these are the pipeline's storage rules, not geometry, so they sit on
 the pipeline side rather than in `idjax/` (the library of pure array functions). The model code saves
 through them too (`models/checkpoints.py`, `models/palette.py`), so this module imports only the
-standard library and numpy, never another `experiments` or `models` module: `models` -> `experiments.files`
-is then a dependency on a leaf, and `experiments` -> `models` cannot close a cycle. `idjax.Profile.save`
+standard library, numpy and etils.epath, never another `experiments` or `models` module:
+`models` -> `experiments.files` is then a dependency on a leaf, and `experiments` -> `models` cannot close a cycle. `idjax.Profile.save`
 and `.load` reach it like every other pipeline module, through `idjax.layer_profile.import_pipeline`
 when called, so `import idjax` never imports the pipeline (tests/test_repository_layout.py checks both).
 """
@@ -40,11 +55,14 @@ import pathlib
 import socket
 import sys
 import tempfile
+import time
+import uuid
 import zipfile
 from collections.abc import Iterator
 from typing import IO, Any
 
 import numpy as np
+from etils import epath
 
 NPZ_CHECKSUM = "__sha256__"  # the archive member holding the checksum of the other members and the name
 NPZ_NAME = "__name__"  # the name the archive was written under
@@ -61,8 +79,19 @@ class WorkdirBusyError(RuntimeError):
     """Another process holds the workdir's lock; the message names it."""
 
 
-def _corrupt(path: os.PathLike | str, problem: str, fix: str) -> CorruptFileError:
+def _corrupt(path: epath.PathLike, problem: str, fix: str) -> CorruptFileError:
     return CorruptFileError(f"{path} is damaged: {problem}. {fix}")
+
+
+def local_path(path: epath.PathLike) -> pathlib.Path | None:
+    """The `pathlib.Path` of a path on the local file system; None for a URI (gs://, s3://, ...)."""
+    text = os.fspath(path)
+    return None if "://" in text else pathlib.Path(text)
+
+
+def _no_space(e: OSError, path: epath.PathLike) -> OSError:
+    return OSError(e.errno, f"{e.strerror} while writing {path} (nothing was replaced; free space and re-run "
+                            "to resume)", str(path))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -70,28 +99,52 @@ def _corrupt(path: os.PathLike | str, problem: str, fix: str) -> CorruptFileErro
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """Opens a temporary binary file that replaces `path` when the block exits without an error."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_open(path: epath.PathLike) -> Iterator[IO[bytes]]:
+    """Opens a temporary binary file that replaces `path` when the block exits without an error.
+
+    Local: fsynced, then `os.replace` (atomic). Remote: a temporary object renamed onto `path` (a copy
+    then a delete: the final object appears only whole; see the module docstring).
+    """
+    local = local_path(path)
+    if local is None:
+        with _atomic_open_remote(epath.Path(path)) as f:
+            yield f
+        return
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, local)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OSError(e.errno, f"{e.strerror} while writing {path} (nothing was replaced; free space and "
-                                   "re-run to resume)", str(path)) from e
+            raise _no_space(e, path) from e
         raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+@contextlib.contextmanager
+def _atomic_open_remote(path: epath.Path) -> Iterator[IO[bytes]]:
+    path.parent.mkdir(parents=True, exist_ok=True)  # a no-op on stores without directories
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with tmp.open("wb") as f:
+            yield f
+        tmp.replace(path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise _no_space(e, path) from e
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: epath.PathLike, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text.encode())
 
@@ -100,7 +153,7 @@ def _json_digest(name: str, obj: Any) -> str:
     return hashlib.sha256(f"{name}\0{json.dumps(obj, sort_keys=True, separators=(',', ':'))}".encode()).hexdigest()
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, checksum: bool = False) -> None:
+def atomic_write_json(path: epath.PathLike, obj: Any, *, checksum: bool = False) -> None:
     """Writes `obj` as indented JSON; with `checksum` (a dict only) a SHA-256 of it and of the file name goes
     under "_sha256"."""
     if checksum:
@@ -108,21 +161,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, checksum: bool = Fal
             raise TypeError(f"a checksum can only be embedded in a JSON object, not {type(obj).__name__}")
         # Digest what a reader gets back (tuples as lists, keys as strings), not the Python object.
         rest = json.loads(json.dumps({k: v for k, v in obj.items() if k != JSON_CHECKSUM}))
-        obj = {**rest, JSON_CHECKSUM: _json_digest(pathlib.Path(path).name, rest)}
+        obj = {**rest, JSON_CHECKSUM: _json_digest(epath.Path(path).name, rest)}
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | os.PathLike, *, fix: str, require_checksum: bool = False) -> Any:
+def read_json(path: epath.PathLike, *, fix: str, require_checksum: bool = False) -> Any:
     """Parses a JSON file; verifies and drops an embedded "_sha256". Damage -> `CorruptFileError` with `fix`."""
     try:
-        obj = json.loads(pathlib.Path(path).read_bytes())
+        obj = json.loads(epath.Path(path).read_bytes())
     except FileNotFoundError as e:
         raise _corrupt(path, "it is missing", fix) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _corrupt(path, f"not valid JSON ({e})", fix) from e
     if isinstance(obj, dict) and JSON_CHECKSUM in obj:
         expected = obj.pop(JSON_CHECKSUM)
-        if _json_digest(pathlib.Path(path).name, obj) != expected:
+        if _json_digest(epath.Path(path).name, obj) != expected:
             raise _corrupt(path, "its content does not match its recorded SHA-256 (or it is another file's copy)", fix)
     elif require_checksum:
         raise _corrupt(path, "it carries no checksum (written by an older version or by hand)", fix)
@@ -133,7 +186,7 @@ def read_json(path: str | os.PathLike, *, fix: str, require_checksum: bool = Fal
 # Arrays
 
 
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> dict:
+def atomic_save_npy(path: epath.PathLike, array: np.ndarray) -> dict:
     """Saves one array; returns its `file_record` for a listing (manifest) to keep."""
     with atomic_open(path) as f:
         np.save(f, array)
@@ -150,26 +203,26 @@ def _arrays_digest(name: str, arrays: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(f"{name}\0{h.hexdigest()}".encode()).hexdigest()
 
 
-def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+def atomic_save_npz(path: epath.PathLike, **arrays: np.ndarray) -> None:
     """Saves arrays with a SHA-256 of their contents and of the file name (read them with `load_npz`)."""
     if NPZ_CHECKSUM in arrays or NPZ_NAME in arrays:
         raise ValueError(f"{NPZ_CHECKSUM!r} and {NPZ_NAME!r} are reserved for the checksum")
     arrays = {key: np.asarray(value) for key, value in arrays.items()}
-    name = pathlib.Path(path).name
+    name = epath.Path(path).name
     with atomic_open(path) as f:
         np.savez(f, **arrays, **{NPZ_CHECKSUM: np.array(_arrays_digest(name, arrays)), NPZ_NAME: np.array(name)})
 
 
-def load_npz(path: str | os.PathLike, *, fix: str) -> dict[str, np.ndarray]:
+def load_npz(path: epath.PathLike, *, fix: str) -> dict[str, np.ndarray]:
     """Every array of an `atomic_save_npz` archive, after checking its checksum.
 
     Raises:
       CorruptFileError naming `path` (and saying `fix`) if the file is truncated, not an archive, has
       no checksum, or its contents or name do not match the checksum (e.g. another file copied over it).
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     try:
-        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
+        with path.open("rb") as handle, np.load(handle, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except FileNotFoundError:
         raise
@@ -189,13 +242,18 @@ def load_npz(path: str | os.PathLike, *, fix: str) -> dict[str, np.ndarray]:
 # Large raw files: size + SHA-256 kept in a listing, verified by streaming
 
 
-def sha256_file(path: str | os.PathLike, progress: Any = None) -> str:
+def _open_unbuffered(path: epath.PathLike) -> IO[bytes]:
+    local = local_path(path)
+    return open(local, "rb", buffering=0) if local is not None else epath.Path(path).open("rb")
+
+
+def sha256_file(path: epath.PathLike, progress: Any = None) -> str:
     """SHA-256 of a file, read in 16 MiB chunks (hashlib releases the GIL: threads hash files in parallel).
 
     progress: optional callable given the number of bytes read after each chunk (e.g. a tqdm `update`).
     """
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    with _open_unbuffered(path) as f:
         buffer = bytearray(_CHUNK)
         view = memoryview(buffer)
         while n := f.readinto(buffer):
@@ -205,32 +263,42 @@ def sha256_file(path: str | os.PathLike, progress: Any = None) -> str:
     return h.hexdigest()
 
 
-def file_record(path: str | os.PathLike) -> dict:
+def file_size(path: epath.PathLike) -> int:
+    """Bytes in a file (FileNotFoundError if it is missing)."""
+    local = local_path(path)
+    return os.path.getsize(local) if local is not None else int(epath.Path(path).stat().length)
+
+
+def file_record(path: epath.PathLike) -> dict:
     """{"bytes": size, "sha256": hex} of a file, for a listing to keep and `verify_file` to check."""
-    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+    return {"bytes": file_size(path), "sha256": sha256_file(path)}
 
 
-def check_size(path: str | os.PathLike, record: dict, *, fix: str) -> None:
+def check_size(path: epath.PathLike, record: dict, *, fix: str) -> None:
     """The cheap half of `verify_file`: the file exists and has the recorded size."""
     try:
-        size = os.path.getsize(path)
+        size = file_size(path)
     except FileNotFoundError as e:
         raise _corrupt(path, "it is missing", fix) from e
     if size != record["bytes"]:
         raise _corrupt(path, f"it has {size} bytes, {record['bytes']} were written (truncated or replaced)", fix)
 
 
-def verify_file(path: str | os.PathLike, record: dict, *, fix: str, progress: Any = None) -> None:
+def verify_file(path: epath.PathLike, record: dict, *, fix: str, progress: Any = None) -> None:
     """Checks a file against its `file_record`; `CorruptFileError` naming it (and saying `fix`) if not."""
     check_size(path, record, fix=fix)
     if sha256_file(path, progress) != record["sha256"]:
         raise _corrupt(path, "its contents do not match their recorded SHA-256", fix)
 
 
-def preallocate(path: str | os.PathLike, size: int) -> None:
+def preallocate(path: epath.PathLike, size: int) -> None:
     """Reserves `size` bytes of disk for `path` up front, so a later write through a memory map cannot
-    hit a full disk (which kills the process with SIGBUS): a full disk is an `OSError` naming the file here."""
-    fd = os.open(path, os.O_RDWR)
+    hit a full disk (which kills the process with SIGBUS): a full disk is an `OSError` naming the file here.
+    A memory map needs a local file: a remote path is a ValueError."""
+    if local_path(path) is None:
+        raise ValueError(f"{path} is not on a local file system: memory-mapped arrays need one (write them "
+                         "to a local workdir, or store the layers with the atomic writers instead)")
+    fd = os.open(local_path(path), os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
@@ -243,12 +311,31 @@ def preallocate(path: str | os.PathLike, size: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Workdir lock
 
-_held: dict[pathlib.Path, tuple[int, int]] = {}  # lock path -> (fd, depth): re-entrant within a process
+_held: dict[str, tuple[int | None, int]] = {}  # lock path -> (fd, depth): re-entrant within a process
+REMOTE_LOCK_POLL_S = 5.0  # how often a waiting job looks at a remote workdir's lock object again
+
+
+def _holder_info(job: str) -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "job": job,
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:500]}
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return (f"pid {info['pid']} on host {info['host']} ({info['job']}, started {info['started']}, "
+                f"command: {info['command']})")
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "another process (no holder details recorded yet)"
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str | os.PathLike, job: str, *, wait: bool = False, process_index: int = 0) -> Iterator[None]:
+def workdir_lock(workdir: epath.PathLike, job: str, *, wait: bool = False, process_index: int = 0) -> Iterator[None]:
     """Holds `<workdir>/.idjax.lock` exclusively while the block runs (re-entrant within a process).
+
+    A local workdir gets a kernel `flock` (released when the holder dies); a remote one (gs://, ...) a lock
+    object, created on entry and deleted on exit (see the module docstring for what that cannot promise).
 
     Args:
       job: what this process does there ("extract", "profile", "train"), recorded for the message a
@@ -261,7 +348,8 @@ def workdir_lock(workdir: str | os.PathLike, job: str, *, wait: bool = False, pr
       WorkdirBusyError naming the holder (pid, host, start time, command) when another process holds it.
     """
     name = LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.process{process_index}"
-    path = (pathlib.Path(workdir) / name).absolute()
+    local = local_path(workdir)
+    path = str((local / name).absolute()) if local is not None else str(epath.Path(workdir) / name)
     if path in _held:
         fd, depth = _held[path]
         _held[path] = (fd, depth + 1)
@@ -271,27 +359,25 @@ def workdir_lock(workdir: str | os.PathLike, job: str, *, wait: bool = False, pr
             fd, depth = _held[path]
             _held[path] = (fd, depth - 1)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    hold = _hold_local_lock if local is not None else _hold_remote_lock
+    with hold(path, workdir, job, wait):
+        yield
+
+
+@contextlib.contextmanager
+def _hold_local_lock(path: str, workdir: epath.PathLike, job: str, wait: bool) -> Iterator[None]:
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            holder = os.pread(fd, 65536, 0).decode(errors="replace").strip()
-            try:
-                info = json.loads(holder)
-                who = (f"pid {info['pid']} on host {info['host']} ({info['job']}, started {info['started']}, "
-                       f"command: {info['command']})")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                who = "another process (no holder details recorded yet)"
+            who = _describe_holder(os.pread(fd, 65536, 0).decode(errors="replace").strip())
             raise WorkdirBusyError(
-                f"{pathlib.Path(workdir)} is in use by {who}; wait for it to finish or use another workdir "
+                f"{workdir} is in use by {who}; wait for it to finish or use another workdir "
                 f"(the lock is {path}; it is released when its holder exits)") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "job": job,
-                "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(_holder_info(job)) + "\n").encode(), 0)
         _held[path] = (fd, 0)
         try:
             yield
@@ -300,3 +386,26 @@ def workdir_lock(workdir: str | os.PathLike, job: str, *, wait: bool = False, pr
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def _hold_remote_lock(path: str, workdir: epath.PathLike, job: str, wait: bool) -> Iterator[None]:
+    lock = epath.Path(path)
+    while lock.exists():
+        if not wait:
+            try:
+                who = _describe_holder(lock.read_text())
+            except FileNotFoundError:  # released while we looked: try again
+                continue
+            raise WorkdirBusyError(
+                f"{workdir} is in use by {who}; wait for it to finish or use another workdir (the lock is the "
+                f"object {path}: on an object store a killed job cannot release it, so if that job is surely "
+                "gone, delete the object)")
+        time.sleep(REMOTE_LOCK_POLL_S)
+    atomic_write_text(lock, json.dumps(_holder_info(job)) + "\n")
+    _held[path] = (None, 0)
+    try:
+        yield
+    finally:
+        del _held[path]
+        lock.unlink(missing_ok=True)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import checkpoints, protein_tokenizer
+from models import attention, checkpoints, protein_tokenizer
 from models.checkpoints import CheckpointError, PathLike
 from models.pooling import first_token, masked_mean
 from models.protein_tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID
@@ -75,8 +75,8 @@ class ESM2Config:
         are float32 either way.
       matmul_precision: passed to every matmul (e.g. "highest" for full fp32 on GPU/TPU, where the
         default may use TF32/bf16 passes); None = backend default (exact fp32 on CPU).
-      attention_impl: "einsum" (explicit softmax, float32 logits) or "xla" / "cudnn", which call
-        `jax.nn.dot_product_attention` with that implementation (cudnn: GPU, bf16/fp16 only).
+      attention_impl: "auto" (the fastest on this machine for the shape, measured once and cached:
+        `models/attention.py`) or one of `attention.IMPLEMENTATIONS`, all equal in float32.
       name: a label (HF model name or size key).
     """
 
@@ -96,7 +96,7 @@ class ESM2Config:
     max_positions: int = 1024
     dtype: str = "float32"
     matmul_precision: str | None = None
-    attention_impl: Literal["einsum", "xla", "cudnn"] = "einsum"
+    attention_impl: str = "auto"
     name: str = "custom"
 
     def __post_init__(self):
@@ -108,8 +108,9 @@ class ESM2Config:
             )
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.attention_impl not in ("einsum", "xla", "cudnn"):
-            raise ValueError(f"attention_impl must be einsum, xla or cudnn, got {self.attention_impl!r}")
+        if self.attention_impl not in attention.CHOICES:
+            raise ValueError(f"attention_impl must be one of {', '.join(attention.CHOICES)}, "
+                             f"got {self.attention_impl!r}")
         if self.rotary_inv_freq is not None:
             inv = tuple(float(v) for v in self.rotary_inv_freq)
             if len(inv) != self.head_dim // 2:
@@ -270,21 +271,6 @@ def _dense(config: ESM2Config, features: int, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=config.jnp_dtype, precision=config.matmul_precision, name=name)
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, config: ESM2Config) -> jax.Array:
-    """Softmax attention over non-padding keys, q already scaled: [B, T, H, hd] -> [B, T, H, hd]."""
-    if config.attention_impl != "einsum":
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=key_mask[:, None, None, :], scale=1.0, implementation=config.attention_impl
-        )
-    logits = jnp.einsum(
-        "bqhd,bkhd->bhqk", q, k, precision=config.matmul_precision, preferred_element_type=jnp.float32
-    )
-    # A finite fill (not -inf) keeps all-padding filler rows finite; with any real key it is exact.
-    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=config.matmul_precision)
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary q/k (fair-esm names: q_proj, k_proj, v_proj, out_proj)."""
 
@@ -301,7 +287,8 @@ class SelfAttention(nn.Module):
         # ESM scales q *before* the rotation (not the logits after); with rotary the two differ.
         q = q * jnp.asarray(cfg.head_dim**-0.5, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = _attention(q, k, v, key_mask, cfg).reshape(b, t, cfg.embed_dim)
+        out = attention.attend(q, k, v, key_mask, implementation=cfg.attention_impl, precision=cfg.matmul_precision)
+        out = out.reshape(b, t, cfg.embed_dim)
         return _dense(cfg, cfg.embed_dim, "out_proj")(out)
 
 
@@ -728,14 +715,16 @@ def make_encoder(config: ESM2Config, params: Any, settings: Any, examples: Any, 
 
     `settings.esm2`: pooling ("mean" | "cls"), long_policy / max_residues (sequences longer than the
     model's window: "error", "crop", or "windows", averaged weighted by residues), unknown ("error" |
-    "X") and dtype (inference dtype, one cast for every source). `examples`: every sequence analysed
-    (`.inputs`, with their `.ids` for error messages), tokenized once up front so a bad one is named first.
+    "X"), dtype (inference dtype, one cast for every source) and attention (`attention.CHOICES`).
+    `examples`: every sequence analysed (`.inputs`, with their `.ids` for error messages), tokenized once up
+    front so a bad one is named first.
     """
     from models.registry import FamilyEncoder, to_host
 
     del workdir, batch_size  # batches are padded to a multiple of 8 rows and 16 positions
     own = settings.esm2
     dtype = own.get("dtype", "float32")
+    config = config.replace(attention_impl=own.get("attention", "auto"))
     if dtype != "float32":
         params = cast_params(params, dtype)
         config = config.replace(dtype=dtype)

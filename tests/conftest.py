@@ -21,3 +21,15 @@ def shared_data() -> pathlib.Path:
             pytest.fail(f"IDJAX_SHARED_DATA={path} does not exist but IDJAX_REQUIRE_SHARED_DATA=1")
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def measured_choices_stay_in_the_session(tmp_path_factory):
+    """The attention auto-choice's cache (models/attention.py) goes to a temporary dir, never the user's."""
+    saved = os.environ.get("IDJAX_CACHE_DIR")
+    os.environ["IDJAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("idjax_cache"))
+    yield
+    if saved is None:
+        del os.environ["IDJAX_CACHE_DIR"]
+    else:
+        os.environ["IDJAX_CACHE_DIR"] = saved

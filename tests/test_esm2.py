@@ -537,10 +537,12 @@ def test_capture_intermediates_names_each_layer(tiny_checkpoint):
     assert out["logits"].shape == (*tokens.shape, 33)
 
 
-def test_dot_product_attention_impl_matches(tiny_checkpoint):
-    config, params, _ = tiny_checkpoint
-    tokens = BATCHES["masked"]
-    assert_parity(ours(config.replace(attention_impl="xla"), params, tokens), ours(config, params, tokens))
+@pytest.mark.torch
+@pytest.mark.parametrize("impl", ["einsum", "heads_major", "heads_major_deferred", "xla"])
+def test_every_attention_impl_matches_hf(hf_tiny, impl):
+    model, path = hf_tiny
+    config, params = esm2.load_hf(path, attention_impl=impl)
+    assert_parity(ours(config, params, BATCHES["masked"]), hf_reference(model, BATCHES["masked"]))
 
 
 def test_bfloat16_inference(tiny_checkpoint):
