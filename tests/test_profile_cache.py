@@ -55,6 +55,7 @@ def set_option(config, dotted, value):
 CHANGES = {
     "profile.k_max": (12, {"graph"}, {}),
     "profile.sharded": ("always", set(), {}),
+    "profile.processes": ("ring", set(), {}),  # several processes only: one process computes it all itself
     "profile.verify_store": (False, set(), {}),
     "profile.twonn_fraction": (0.5, {"decimation"}, {}),
     "profile.gride_range_max": (8, set(), {}),

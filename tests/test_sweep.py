@@ -200,11 +200,12 @@ def test_sweep_entry_names_are_unique_directories(tmp_path):
 
 
 HOLD_LOCK = textwrap.dedent('''
-    import sys, time
+    import pathlib, sys, time
     from experiments import files
     with files.workdir_lock(sys.argv[1], "extract"):
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))
+        pathlib.Path(sys.argv[3]).write_text("released")  # just before the lock is
 ''')
 
 
@@ -224,12 +225,14 @@ def test_a_job_reaching_a_store_being_extracted_waits_then_uses_it(tmp_path, mon
     cli.share_store(config, tmp_path / "a", tmp_path)
     cli.share_store(config, tmp_path / "b", tmp_path)
     home = store.store_dir(tmp_path / "a").parent.resolve()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(home), "3"], cwd=REPO_ROOT,
-                              env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(home), "3", str(tmp_path / "released")],
+                              cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "held"  # another job is extracting this store
         extract.run(config, tmp_path / "a")  # waits for it, then extracts (the holder wrote nothing)
-        assert holder.poll() == 0  # it did wait: the holder had exited
+        assert (tmp_path / "released").is_file()  # it did wait for the holder
+        assert holder.wait(timeout=30) == 0
     finally:
         holder.kill()
         holder.wait()
