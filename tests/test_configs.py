@@ -10,7 +10,7 @@ from configs import base, common, demo, esm2, igpt, minilm, train_esm2_tiny, tra
 from tests.conftest import REPO_ROOT, shared_data_dir
 
 ADAMW = {"end_lr_fraction": 0.1, "weight_decay": 0.01, "b1": 0.9, "eps": 1e-08, "grad_clip_norm": 1.0,
-         "progress_bar": True}
+         "progress_bar": True, "model_parallel": 1, "fsdp": False}
 MASKING = {"mask_prob": 0.15, "mask_token_prob": 0.8, "random_token_prob": 0.1}
 CPU_LOGGING = {"batch_size": 32, "log_interval": 25, "eval_interval": 100}
 GPU_LOGGING = {"batch_size": 64, "log_interval": 50, "eval_interval": 1000}
