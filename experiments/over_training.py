@@ -169,7 +169,8 @@ def write_figures(sweep_dir: pathlib.Path | str) -> list[pathlib.Path]:
     sweep_dir = pathlib.Path(sweep_dir)
     entries = step_results(sweep_dir)
     colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(entries)))
-    panels = [("id", "intrinsic dimension"), ("label_overlap", "overlap with labels"),
+    k = entries[-1][1].get("best_overlap_k")
+    panels = [("id", "intrinsic dimension"), ("label_overlap", f"overlap with labels (k = {k})"),
               ("probe", "probe accuracy"), ("adjacent_overlap", "overlap with next layer")]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=120)
     for (key, label), ax in zip(panels, axes.ravel(), strict=True):
@@ -208,8 +209,11 @@ def write_figures(sweep_dir: pathlib.Path | str) -> list[pathlib.Path]:
 def _curve(results: dict, key: str) -> np.ndarray | None:
     if key == "id":
         return np.asarray(results["id"], float)
-    if key == "label_overlap":
-        return None if results.get("label_overlap") is None else np.asarray(results["label_overlap"], float)
+    if key == "label_overlap":  # [layer, k] -> the k the best label-overlap layer is chosen at
+        if results.get("label_overlap") is None:
+            return None
+        column = list(results["label_ks"]).index(results.get("best_overlap_k", results["label_ks"][-1]))
+        return np.asarray(results["label_overlap"], float)[:, column]
     if key == "probe":
         probes = results.get("probes") or {}
         metric = probes.get("best_probe_metric")

@@ -8,7 +8,8 @@ from experiments import over_training
 def _results(ids, peak, selected, branch, best_overlap, best_probe, adjacent):
     return {"id": ids, "id_err": [0.1] * len(ids), "peak_layer": peak, "selected_layer": selected,
             "selection_branch": branch, "best_overlap_layer": best_overlap, "id_estimator": "gride", "n_points": 100,
-            "label_overlap": [0.1 * i for i in range(len(ids))], "adjacent_overlap": adjacent,
+            "label_ks": [10, 30], "best_overlap_k": 30, "adjacent_overlap": adjacent,
+            "label_overlap": [[0.2 * i, 0.1 * i] for i in range(len(ids))],
             "probes": {"best_probe_layer": best_probe, "best_probe_metric": "linear_probe_accuracy",
                        "linear_probe_accuracy": [0.5] * len(ids)}}
 
