@@ -46,7 +46,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 import idjax
-from experiments import report, store
+from experiments import distributed, report, store
 from experiments.files import CorruptFileError, atomic_save_npz, atomic_write_json, load_npz, workdir_lock
 from idjax.selection import select_layer
 
@@ -565,7 +565,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     job_start = time.perf_counter()
     summary, arrays = compute_profile(reps, config.profile, workdir / "profile_layers", seed=config.get("seed", 0))
     probe_start = time.perf_counter()
-    writer = jax.process_index() == 0  # every process computes its share; process 0 probes and writes
+    writer = distributed.is_writer()  # every process computes its share; process 0 probes and writes
     if writer and reps.labels is not None and config.get("probe") and config.probe.enabled:
         probes = run_probes(reps, arrays["kept_indices"], config.probe, config.profile.overlap_k,
                             cache_dir=workdir / "profile_layers", identity=summary["representations_identity"])
