@@ -110,7 +110,7 @@ def test_mesh_knobs_are_checked():
     with pytest.raises(ValueError, match=r"train.batch_size=12 is not a multiple of the 'data' mesh axis \(8"):
         train.check_batch_sizes(config.train, 8)
     config.train.model_parallel = 3
-    with pytest.raises(ValueError, match="model_parallel=3 must be a positive divisor of the device count"):
+    with pytest.raises(ValueError, match="model_parallel=3 must be a positive divisor of the 1 devices"):
         train.training_mesh(config.train)
 
 
