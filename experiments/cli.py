@@ -424,13 +424,14 @@ def main(argv: Sequence[str]) -> None:
     try:
         from experiments import distributed
 
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         if _SWEEP.value:
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
             run_sweep(config, workdir)
         else:
-            problems = preflight(config, workdir)
+            problems = preflight(config, workdir)  # config mistakes are named before any process joins a job
             if problems:
                 raise UserError("; ".join(problems))
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
             run_one(config, workdir)
     except (UserError, *USER_ERRORS) as err:
         if _debug() or _VERBOSE.value:
