@@ -506,18 +506,19 @@ def main(argv: Sequence[str]) -> None:
     try:
         from experiments import distributed
 
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         sweep_only = [name for name, flag in (("--sweep_index", _SWEEP_INDEX.value is not None),
                                               ("--sweep_count", _SWEEP_COUNT.value is not None),
                                               ("--summarize", _SUMMARIZE.value)) if flag]
         if sweep_only and not _SWEEP.value:
             raise UserError(f"{', '.join(sweep_only)} act on a sweep: add --sweep (the config file's get_sweep)")
         if _SWEEP.value:
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
             run_sweep(config, workdir, index=_SWEEP_INDEX.value, count=_SWEEP_COUNT.value, summarize=_SUMMARIZE.value)
         else:
-            problems = preflight(config, workdir)
+            problems = preflight(config, workdir)  # config mistakes are named before any process joins a job
             if problems:
                 raise UserError("; ".join(problems))
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
             run_one(config, workdir)
     except (UserError, *USER_ERRORS) as err:
         if _debug() or _VERBOSE.value:

@@ -86,8 +86,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index)
         _initialized.append(True)
     top = topology()
-    logging.info("topology: process %d of %d, %d local / %d global %s devices", top.process_index,
-                 top.process_count, top.local_device_count, top.device_count, top.platform)
+    # One process: a debug line only, so a command that fails early still prints its error alone.
+    log = logging.info if top.process_count > 1 else logging.debug
+    log("topology: process %d of %d, %d local / %d global %s devices", top.process_index, top.process_count,
+        top.local_device_count, top.device_count, top.platform)
     return top
 
 

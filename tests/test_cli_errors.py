@@ -84,7 +84,7 @@ def _assert_short(out, *needles):
     (["--config.profile.duplicates=maybe"], ["config.profile.duplicates='maybe'", "drop, error"]),
     (["--config.extract.batch_size=0"], ["config.extract.batch_size=0", ">= 1"]),
     (["--config.profile.id_estimator=twonnn"], ["id_estimator", "twonn, twonn_decimated, gride"]),
-    (["--config.extract.batch_size=abc"], ["--config.extract.batch_size=abc"]),
+    (["--config.extract.batch_size=abc"], ["config.extract.batch_size='abc'", "integer >= 1 or 'auto'"]),
     (["--config.training=None", "--config.model.source=hf"], ["config.training"]),
     (["--bogus"], ["bogus"]),
     (["positional"], ["unexpected arguments", "positional"]),

@@ -41,7 +41,8 @@ READ_ERRORS = (files.CorruptFileError, store.StoreError)
 # A fast pipeline: real dataset, store, finalize and profile; a numpy stand-in for the model
 
 
-def fake_build_encoder(model_cfg, examples, batch_size, workdir, kill_at_batch: int | None = None):
+def fake_build_encoder(model_cfg, examples, batch_size, workdir, extract_settings=None, *,
+                       kill_at_batch: int | None = None):
     """Layer l of example i: a Gaussian in the first DIMS[l] of WIDTH coordinates, seeded by (l, i)."""
     calls = []
 
