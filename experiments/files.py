@@ -37,9 +37,10 @@ Where this module lives, and why: these are the pipeline's storage rules, not ge
 the pipeline side rather than in `idjax/` (the library of pure array functions). The model code saves
 through them too (`models/checkpoints.py`, `models/palette.py`), so this module imports only the
 standard library, numpy and etils.epath, never another `experiments` or `models` module:
-`models` -> `experiments.files` is then a dependency on a leaf, and `experiments` -> `models` cannot close a cycle. `idjax.Profile.save`
-and `.load` reach it like every other pipeline module, through `idjax.layer_profile.import_pipeline`
-when called, so `import idjax` never imports the pipeline (tests/test_repository_layout.py checks both).
+`models` -> `experiments.files` is then a dependency on a leaf, and `experiments` -> `models` cannot
+close a cycle. `idjax.Profile.save` and `.load` reach it like every other pipeline module, through
+`idjax.layer_profile.import_pipeline` when called, so `import idjax` never imports the pipeline
+(tests/test_repository_layout.py checks both).
 """
 
 from __future__ import annotations
