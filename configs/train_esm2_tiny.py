@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_layers = 6 if gpu else 4
     config.model.embed_dim = 320 if gpu else 64
     config.model.num_heads = 20 if gpu else 4
-    config.model.ffn_dim = None  # None -> 4 * embed_dim, as in every ESM-2
+    config.model.ffn_dim = ml_collections.config_dict.placeholder(int)  # unset: 4 * embed_dim, as in every ESM-2
     config.model.dtype = "float32"
     config.model.esm2 = ml_collections.ConfigDict()
     config.model.esm2.token_dropout = True
@@ -39,8 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_residues = 510 if gpu else 128  # crop length (training: random offset per draw)
     config.data.val_fraction = 0.05
     config.data.split_seed = 0
-    config.data.max_sequences = None  # use only the first N FASTA records (None: all)
-    config.data.max_eval_examples = None if gpu else 160
+    config.data.max_sequences = ml_collections.config_dict.placeholder(int)  # only the first N records (unset: all)
+    config.data.max_eval_examples = ml_collections.FieldReference(None if gpu else 160, field_type=int)
     # SCOPe domains in the corpus too (None: the proteome only), with this fraction of the SCOPe
     # families held out whole (experiments/train.py `load_protein_data`).
     config.data.scope_fasta = ml_collections.config_dict.placeholder(str)

@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_layers = 8 if gpu else 4
     config.model.embed_dim = 256 if gpu else 64
     config.model.num_heads = 8 if gpu else 4
-    config.model.ffn_dim = None  # None -> 4 * embed_dim
+    config.model.ffn_dim = ml_collections.config_dict.placeholder(int)  # unset: 4 * embed_dim
     config.model.dtype = "float32"
 
     config.data = ml_collections.ConfigDict()
@@ -48,8 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.n_colors = {"digits": 16, "mnist": 16, "cifar10": 512 if gpu else 64}[dataset]
     config.data.val_fraction = 0.2  # digits / MNIST: seeded held-out split (CIFAR uses its test batch)
     config.data.split_seed = 0
-    config.data.max_train_examples = None
-    config.data.max_eval_examples = None if gpu or dataset == "digits" else 1000
+    # Typed "unset" (not a bare None) so --config.data.max_train_examples=400 overrides from the command line.
+    config.data.max_train_examples = ml_collections.config_dict.placeholder(int)
+    config.data.max_eval_examples = ml_collections.FieldReference(None if gpu or dataset == "digits" else 1000,
+                                                                  field_type=int)
 
     config.train = common.training(gpu=gpu, steps=10_000 if gpu else 1500, learning_rate=1e-3 if gpu else 2e-3,
                                    warmup_steps=500 if gpu else 100, b2=0.95)

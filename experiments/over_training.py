@@ -22,7 +22,8 @@ embedding, L the last layer, the peak and the selected layer are those of `idjax
   4 overlap_plateau   the adjacent-layer overlaps from the selected layer on are at least their mean
                       before it and vary by at most 0.1 (the paper's plateau of consecutive-layer overlap
                       after the minimum); needs a selected layer and two overlaps after it
-  5 emerges           (whole run) claims 1 and 2 hold at the last step and do not at step 0
+  5 emerges           (whole run) claims 1 and 2 hold at the last step and do not at step 0; not decidable
+                      (null) when the sweep lacks step 0 or a later step
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def summarize(sweep_dir: pathlib.Path | str) -> dict:
     first, final = entries[0][0], entries[-1][0]
     shape = {step: claims["early_peak"]["holds"] and claims["minimum_after"]["holds"]
              for step, claims in per_step.items()}
-    emerges = {"holds": bool(first == 0 and shape[final] and not shape[0]), "first_step": first,
+    # Without the untrained control (step 0) and a later step, "emerges" cannot be decided: None, not False.
+    decidable = first == 0 and final > 0
+    emerges = {"holds": bool(shape[final] and not shape[0]) if decidable else None, "first_step": first,
                "final_step": final, "shape_at_first": shape[first], "shape_at_final": shape[final]}
     final_results = entries[-1][1]
     return {
@@ -119,16 +122,26 @@ def claims_table(summary: dict) -> str:
     """Markdown: one row per claim, the final step's verdict and its numbers, plus step 0 for contrast."""
     final = str(summary["steps"][-1])
     first = str(summary["steps"][0])
-    rows = ["| claim | holds at the last step | evidence (last step) | at step " + first + " |", "|---|---|---|---|"]
+    contrast = first != final
+    rows = ["| claim | holds at the last step | evidence (last step) | at step " + (first if contrast else "-") + " |",
+            "|---|---|---|---|"]
     for number, name in enumerate(CLAIMS, 1):
         claim, early = summary["per_step"][final][name], summary["per_step"][first][name]
-        rows.append(f"| {number}. {CLAIM_TEXT[name]} | {'holds' if claim['holds'] else 'does not hold'} | "
-                    f"{_evidence(name, claim)} | {'holds' if early['holds'] else 'does not hold'} |")
+        rows.append(f"| {number}. {CLAIM_TEXT[name]} | {_verdict(claim['holds'])} | {_evidence(name, claim)} | "
+                    f"{_verdict(early['holds']) if contrast else ''} |")
     emerges = summary["emerges"]
-    rows.append(f"| 5. {CLAIM_TEXT['emerges']} | {'holds' if emerges['holds'] else 'does not hold'} | "
-                f"shape (claims 1-2) at step {emerges['first_step']}: {emerges['shape_at_first']}, at step "
-                f"{emerges['final_step']}: {emerges['shape_at_final']} | |")
+    if emerges["holds"] is None:
+        evidence = (f"needs the untrained control (step 0) and a later step; the sweep has steps "
+                    f"{', '.join(map(str, summary['steps']))}")
+    else:
+        evidence = (f"shape (claims 1-2) at step {emerges['first_step']}: {emerges['shape_at_first']}, at step "
+                    f"{emerges['final_step']}: {emerges['shape_at_final']}")
+    rows.append(f"| 5. {CLAIM_TEXT['emerges']} | {_verdict(emerges['holds'])} | {evidence} | |")
     return "\n".join(rows)
+
+
+def _verdict(holds: bool | None) -> str:
+    return "not decidable" if holds is None else "holds" if holds else "does not hold"
 
 
 def _evidence(name: str, claim: dict) -> str:
