@@ -42,11 +42,13 @@ def exported_steps(out: pathlib.Path | str) -> list[int]:
 
 
 def export(workdir: pathlib.Path | str, out: pathlib.Path | str, steps: Sequence[int] | None = None) -> list[int]:
-    """Writes checkpoints `steps` (default: every step the run's `checkpoint.keep_steps` kept) of the training
-    run in `workdir` to `out` (layout in the module docstring). Returns the steps written."""
+    """Writes checkpoints `steps` (default: the run's `checkpoint.keep_steps` and its last step, those of them
+    present) of the training run in `workdir` to `out` (layout in the module docstring). Returns the steps
+    written."""
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     if steps is None:
-        kept = set(train.load_config(workdir).checkpoint.get("keep_steps") or ())
+        config = train.load_config(workdir)
+        kept = set(config.checkpoint.get("keep_steps") or ()) | {int(config.train.steps)}  # and the trained model
         present = {int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()}
         steps = sorted(kept & present)
         if not steps:
@@ -70,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the training run's workdir")
     parser.add_argument("--out", required=True, help="the export directory")
-    parser.add_argument("--steps", default=None, help="comma-separated steps (default: the kept ones)")
+    parser.add_argument("--steps", default=None, help="comma-separated steps (default: the kept ones and the last)")
     args = parser.parse_args(argv)
     steps = None if args.steps is None else [int(s) for s in args.steps.split(",") if s.strip()]
     written = export(args.workdir, args.out, steps)
