@@ -8,10 +8,8 @@ localhost. Each is compared with the plain single-device extraction run here, in
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 
@@ -22,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import distributed, extract, files, store
 from tests.extract_worker import config_for
+from tests.processes import fake_device_env, free_port
 
 WORKER = pathlib.Path(__file__).with_name("extract_worker.py")
 REPO = WORKER.parents[1]
@@ -133,18 +132,9 @@ def test_distributed_module_in_one_process():
 # Several devices and processes (subprocesses)
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    for name in ("JAX_ENABLE_X64", distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
-        env.pop(name, None)
-    return env
-
 
 def _worker(args: list[str], devices: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), *args], env=_env(devices), cwd=REPO,
+    return subprocess.Popen([sys.executable, str(WORKER), *args], env=fake_device_env(devices), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -165,12 +155,6 @@ def _finish(procs: list[subprocess.Popen], what: str) -> list[int]:
 def _run_ok(procs: list[subprocess.Popen], what: str) -> None:
     codes = _finish(procs, what)
     assert codes == [0] * len(procs), f"{what} failed:\n" + "\n".join(p.output[-4000:] for p in procs)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _assert_same_store(got: pathlib.Path, want: pathlib.Path) -> None:
@@ -216,7 +200,7 @@ SHARED = {"representations/plan.json", "representations/manifest.json", "represe
 
 
 def _two_processes(workdir: pathlib.Path, tmp_path: pathlib.Path, tag: str, kill_after: int = 0) -> list:
-    port = _port()
+    port = free_port()
     procs = []
     for process in (0, 1):
         args = ["--family", "esm2", "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{port}",

@@ -9,10 +9,7 @@ timeout, so a hang fails.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 
 import jax
@@ -20,6 +17,7 @@ import numpy as np
 import pytest
 
 from experiments import train
+from tests import processes
 from tests.distributed_train_worker import CHECKPOINT_EVERY, STEPS, small_config
 
 WORKER = pathlib.Path(__file__).with_name("distributed_train_worker.py")
@@ -29,22 +27,9 @@ SHARED_FILES = {"config.json", "model_config.json", "data_split.json", "metrics.
                 "loss_curve.png", "palette.npy"}
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env.pop("JAX_ENABLE_X64", None)
-    return env
-
 
 def _run(args: list[str], devices: int, what: str) -> None:
-    try:
-        proc = subprocess.run([sys.executable, str(WORKER), *args], env=_env(devices), cwd=REPO,
-                              capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{what} hung for {TIMEOUT_S} s:\n{err.stderr}")
-    assert proc.returncode == 0, f"{what} failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
+    processes.run_worker(WORKER, args, devices, what, TIMEOUT_S)
 
 
 def _states(results, prefix: str) -> dict[str, np.ndarray]:
@@ -132,11 +117,6 @@ def test_sharded_run_crashed_midway_resumes_to_the_uninterrupted_state(tmp_path)
     assert strip(full) == strip(crashed) and strip(full)[-1][:2] == ("eval", STEPS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_processes_train_resume_and_match_one_process(tmp_path):
@@ -145,26 +125,12 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path):
     its shards), and end with the state of one process x 8 devices run uninterrupted (to the rounding of another
     summation order); process 1 opened no shared file for writing; the checkpoint loads in this single-device
     process."""
-    workdir, port = tmp_path / "two", _free_port()
-    procs = []
-    for pid in (0, 1):
-        args = ["train", "--workdir", str(workdir), "--out", str(tmp_path / "two.npz"), "--crash-at", "6",
-                "--model-parallel", "2", "--process-id", str(pid), "--num-processes", "2", "--port", str(port)]
-        log = open(tmp_path / f"process{pid}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), *args], env=_env(4), cwd=REPO, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        for proc, _ in procs:
-            proc.kill()
-        pytest.fail("the 2-process run hung:\n" + (tmp_path / "process0.log").read_text()[-3000:])
-    finally:
-        for _, log in procs:
-            log.close()
-    for pid, (proc, _) in enumerate(procs):
-        assert proc.returncode == 0, (tmp_path / f"process{pid}.log").read_text()[-5000:]
+    workdir, port = tmp_path / "two", processes.free_port()
+    commands = [[sys.executable, str(WORKER), "train", "--workdir", str(workdir), "--out", str(tmp_path / "two.npz"),
+                 "--crash-at", "6", "--model-parallel", "2", "--process-id", str(pid), "--num-processes", "2",
+                 "--port", str(port)] for pid in (0, 1)]
+    codes, logs = processes.run_job(commands, 4, tmp_path, TIMEOUT_S)
+    assert codes == [0, 0], f"the 2-process run failed or hung ({codes}):\n{logs}"
     _run(["train", "--workdir", str(tmp_path / "one"), "--out", str(tmp_path / "one.npz"), "--model-parallel", "2"],
          8, "the 1-process 8-device run")
 

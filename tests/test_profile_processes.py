@@ -8,9 +8,6 @@ float32 rounding), every estimate to 1e-5 relative (the ring sums distances in a
 estimators themselves run the same code on the same host arrays).
 """
 
-import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +15,7 @@ import pytest
 
 from configs import base
 from experiments import files, profile, store
+from tests import processes
 from tests.conftest import REPO_ROOT
 
 TIMEOUT_S = 300
@@ -47,11 +45,6 @@ def _store(directory):
     store.finalize(directory, n, labels=labels, ids=[str(i) for i in range(n)], metadata={"model": "synthetic"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_profile(tmp_path):
@@ -59,27 +52,11 @@ def test_two_processes_give_the_single_process_profile(tmp_path):
     _store(home / "representations")
     for name in ("single", "layers", "ring"):
         store.point_to_store(tmp_path / name, home, "fp")
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    port = processes.free_port()
     runs = f"layers={tmp_path / 'layers'},ring={tmp_path / 'ring'}"
-    procs = []
-    for pid in range(2):
-        log = open(tmp_path / f"process{pid}.log", "w")  # closed below
-        command = [sys.executable, str(REPO_ROOT / "tests" / "profile_worker.py"), "--runs", runs,
-                   "--process-id", str(pid), "--num-processes", "2", "--port", str(port)]
-        procs.append((subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-    try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p, _ in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    logs = "\n".join((tmp_path / f"process{pid}.log").read_text()[-3000:] for pid in range(2))
+    commands = [[sys.executable, str(REPO_ROOT / "tests" / "profile_worker.py"), "--runs", runs, "--process-id",
+                 str(pid), "--num-processes", "2", "--port", str(port)] for pid in range(2)]
+    codes, logs = processes.run_job(commands, 4, tmp_path, TIMEOUT_S)
     assert codes == [0, 0], f"2-process profile failed or hung ({codes}):\n{logs}"
 
     single = profile.run(profile_config("single"), tmp_path / "single")

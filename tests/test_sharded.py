@@ -8,9 +8,7 @@ compares them with idjax.knn computed here. Every subprocess has a timeout, so a
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -20,20 +18,14 @@ import pytest
 
 import idjax
 from idjax import sharded
+from tests import processes
 from tests.neighbour_checks import assert_same_neighbours
+from tests.processes import fake_device_env
 
 WORKER = pathlib.Path(__file__).with_name("sharded_worker.py")
 REPO = WORKER.parents[1]
 TIMEOUT_S = 240
 
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env.pop("JAX_ENABLE_X64", None)
-    return env
 
 
 def _data(path: pathlib.Path, n: int, dim: int, dtype, seed: int) -> dict:
@@ -51,12 +43,7 @@ def _data(path: pathlib.Path, n: int, dim: int, dtype, seed: int) -> dict:
 
 
 def _run(args: list[str], devices: int, what: str) -> None:
-    try:
-        proc = subprocess.run([sys.executable, str(WORKER), *args], env=_env(devices), cwd=REPO,
-                              capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{what} hung for {TIMEOUT_S} s:\n{err.stderr}")
-    assert proc.returncode == 0, f"{what} failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
+    processes.run_worker(WORKER, args, devices, what, TIMEOUT_S)
 
 
 def _assert_same(dist, idx, ref: idjax.Neighbors, what: str) -> None:
@@ -114,35 +101,16 @@ def test_eight_devices_float64_under_x64(tmp_path):
         _assert_same(r["ties/distances"], r["ties/indices"], idjax.knn(data["ties"], 16), "float64 ties")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_processes_four_devices_each(tmp_path):
     n, ks = 1203, (40,)
     data = _data(tmp_path / "x.npz", n, 32, np.float32, seed=2)
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        args = ["multiprocess", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out.npz"),
-                "--k", ",".join(map(str, ks)), "--process-id", str(pid), "--num-processes", "2", "--port", str(port)]
-        log = open(tmp_path / f"process{pid}.log", "w")  # closed below
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), *args], env=_env(4), cwd=REPO,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p, _ in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    logs = "\n".join((tmp_path / f"process{pid}.log").read_text()[-3000:] for pid in range(2))
+    port = processes.free_port()
+    commands = [[sys.executable, str(WORKER), "multiprocess", "--data", str(tmp_path / "x.npz"), "--out",
+                 str(tmp_path / "out.npz"), "--k", ",".join(map(str, ks)), "--process-id", str(pid),
+                 "--num-processes", "2", "--port", str(port)] for pid in range(2)]
+    codes, logs = processes.run_job(commands, 4, tmp_path, TIMEOUT_S)
     assert codes is not None, f"2-process run hung for {TIMEOUT_S} s:\n{logs}"
     assert codes == [0, 0], f"2-process run failed {codes}:\n{logs}"
     r = np.load(tmp_path / "out.npz")
@@ -235,7 +203,7 @@ print(json.dumps(out))
 def test_scaled_copies_give_the_same_graph_on_four_devices():
     """x 1e-20 ... x 1e20 (float32 and float64, host arrays and shard_rows) give the ring the same
     neighbours, distances scaled exactly and the same TwoNN as unit-scale data; x 1e200 is refused."""
-    proc = subprocess.run([sys.executable, "-c", SCALED_SCRIPT], env=_env(4), cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", SCALED_SCRIPT], env=fake_device_env(4), cwd=REPO, capture_output=True,
                           text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -265,7 +233,7 @@ def test_ring_centres_offset_data_like_the_single_device_path(tmp_path):
     x = (rng.normal(size=(403, 16)) + 1e4).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     proc = subprocess.run([sys.executable, "-c", OFFSET_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "out.npz")],
-                          env=_env(4), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+                          env=fake_device_env(4), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ring = np.load(tmp_path / "out.npz")
     exact = x.astype(np.float64)
