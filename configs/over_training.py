@@ -35,10 +35,17 @@ def _parse(arg: str | None) -> tuple[str, pathlib.Path]:
 
 
 def _steps(export_dir: pathlib.Path) -> list[int]:
-    """The exported steps (step_<S> directories), ascending; empty when the export does not exist yet."""
-    if not export_dir.is_dir():
-        return []
-    return sorted(int(p.name[5:]) for p in export_dir.glob("step_*") if p.name[5:].isdigit())
+    """The exported steps, ascending (`experiments.export` names and lists them; imported here, not at the top,
+    so that reading the config loads no pipeline module); empty when the export does not exist yet."""
+    from experiments import export
+
+    return export.exported_steps(export_dir)
+
+
+def _step_dir(export_dir: pathlib.Path, step: int) -> pathlib.Path:
+    from experiments import export
+
+    return export.step_dir(export_dir, step)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -48,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.family = family
     config.model.source = "orbax"
     steps = _steps(export_dir)
-    config.model.path = str(export_dir / f"step_{steps[-1] if steps else 0}")
+    config.model.path = str(_step_dir(export_dir, steps[-1] if steps else 0))
     config.data.heldout_of = str(export_dir)
     if family == "igpt":
         config.data.name = "mnist"
@@ -77,5 +84,5 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     if not steps:
         raise FileNotFoundError(f"no exported checkpoints (step_<S>/) under {export_dir}: train with "
                                 f"configs/train_*.py ...deep and export with `python -m experiments.export`")
-    return [{"name": f"step_{step:06d}", "overrides": {"model.path": str(export_dir / f"step_{step}")}}
+    return [{"name": f"step_{step:06d}", "overrides": {"model.path": str(_step_dir(export_dir, step))}}
             for step in steps]
