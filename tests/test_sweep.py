@@ -16,6 +16,7 @@ import pytest
 from configs import base
 from experiments import cli, extract, files, store
 from tests.conftest import REPO_ROOT
+from tests.test_pipeline import tiny_igpt_config
 
 COUNTING_MODEL = textwrap.dedent('''
     """Three tanh layers over the 64 pixels of a digit; every pooled_states call is logged to a file."""
@@ -146,15 +147,9 @@ def test_k_max_sweep_extracts_once_and_job_array_equals_one_sweep(tmp_path):
 
 
 def _igpt_config(k_max: int):
-    config = base.analysis_config()
+    """The pipeline tests' tiny random iGPT on 60 digits, extraction only, at `k_max`."""
+    config = tiny_igpt_config(60)
     config.experiment = "extract"
-    config.model.family = "igpt"
-    config.model.source = "random"
-    config.model.size = "tiny"
-    config.model.overrides = {"vocab_size": 17, "n_positions": 64}
-    config.data.name = "digits"
-    config.data.max_examples = 60
-    config.extract.batch_size = 60
     config.profile.k_max = k_max
     return config
 
