@@ -108,8 +108,9 @@ def canonical_path(path: epath.PathLike) -> epath.Path:
 
 
 def relative_path(path: epath.PathLike, start: epath.PathLike) -> str:
-    """`path` relative to the directory `start` ("../stores/x"), on the local file system or within one
-    object store (a ValueError for paths on two different file systems, which no relative path links)."""
+    """`path` relative to the directory `start` (e.g. "stores/x/representations" from the sweep directory), on
+    the local file system or within one object store (a ValueError for paths on two different file systems,
+    which no relative path links)."""
     local, local_start = local_path(path), local_path(start)
     if local is not None and local_start is not None:
         return os.path.relpath(local, local_start)
