@@ -8,12 +8,12 @@ representations. No model is loaded.
 
 from __future__ import annotations
 
-import pathlib
 import time
 
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from experiments import store
 from idjax.layer_profile import _labels, load_layers
@@ -21,7 +21,7 @@ from idjax.layer_profile import _labels, load_layers
 BATCH_BYTES = 64 << 20  # rows per stored batch: about 64 MiB of float32 over all layers
 
 
-def extract(config: ml_collections.ConfigDict, directory: pathlib.Path, config_fingerprint: str) -> dict:
+def extract(config: ml_collections.ConfigDict, directory: epath.PathLike, config_fingerprint: str) -> dict:
     """Writes the arrays at `config.data.path` into the store at `directory`; returns its manifest."""
     start = time.perf_counter()
     layers, names, labels = load_layers(config.data.path, min_layers=1)  # one layer: a store for probes

@@ -11,6 +11,10 @@ and DIR/sweep.md. `--sweep --sweep_index=I [--sweep_count=N]` runs entry I only 
 extract the same thing (same extraction fingerprint: model, data, pooling, dtype...) share one store,
 DIR/stores/<fingerprint>/ (with a fitted iGPT palette), which DIR/<name>/store.json points to.
 
+DIR may be local or any `etils.epath` URI (gs://bucket/run): every file of the workdir, the sweep's
+entries, shared stores and summaries goes through it (experiments/files.py, experiments/store.py). The
+config files themselves are read from the local file system.
+
 Every mistake a user can make (a flag, an override key or value, a path, missing data or checkpoint
 files) is reported in at most two lines on stderr that name the flag or file and the fix; the
 traceback is shown only with `--verbose` or IDJAX_DEBUG=1. The whole resolved config is validated
@@ -31,6 +35,7 @@ import traceback
 from collections.abc import Sequence
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from experiments import config_schema
@@ -221,8 +226,8 @@ def _shared_data() -> pathlib.Path:
     return common.SHARED_DATA
 
 
-def _missing_file_message(path: str | pathlib.Path, key: str) -> str:
-    path = pathlib.Path(path)
+def _missing_file_message(path: epath.PathLike, key: str) -> str:
+    path = epath.Path(path)
     shared = _shared_data()
     if str(path).startswith(str(shared)):
         return (f"{key}: {path} not found. Shared datasets are read from $IDJAX_SHARED_DATA (now {shared}): "
@@ -230,19 +235,19 @@ def _missing_file_message(path: str | pathlib.Path, key: str) -> str:
     return f"{key}: {path} not found; pass --{key}=<an existing path>"
 
 
-def _store_complete(workdir: pathlib.Path) -> bool:
+def _store_complete(workdir: epath.Path) -> bool:
     from experiments import store
 
     return store.is_complete(store.store_dir(workdir))
 
 
-def _store_dir(workdir: pathlib.Path) -> pathlib.Path:
+def _store_dir(workdir: epath.Path) -> epath.Path:
     from experiments import store
 
     return store.store_dir(workdir)
 
 
-def preflight(config, workdir: pathlib.Path) -> list[str]:
+def preflight(config, workdir: epath.Path) -> list[str]:
     """Every problem found before any work: config values, then the files the job will read."""
     found = config_schema.problems(config)
     if found:
@@ -256,7 +261,7 @@ def preflight(config, workdir: pathlib.Path) -> list[str]:
                      "run --config.experiment=extract (or full) there first")
     if experiment == "probe_study":
         found += _model_problems(config)
-        path = pathlib.Path(config.model.path or ".")
+        path = epath.Path(config.model.path or ".")
         if not found and not (path / "model_config.json").is_file():
             found.append(f"config.model.path={path} is not a training workdir (no model_config.json): the probe "
                          "study reads a model trained with configs/train_*.py")
@@ -264,9 +269,9 @@ def preflight(config, workdir: pathlib.Path) -> list[str]:
             found += _data_problems(config.data)
     if experiment == "train":
         data = config.data
-        if data.get("fasta") and not pathlib.Path(data.fasta).exists():
+        if data.get("fasta") and not epath.Path(data.fasta).exists():
             found.append(_missing_file_message(data.fasta, "config.data.fasta"))
-        if data.get("root") and not pathlib.Path(data.root).exists():
+        if data.get("root") and not epath.Path(data.root).exists():
             found.append(_missing_file_message(data.root, "config.data.root"))
     return found
 
@@ -294,7 +299,7 @@ def _model_problems(config) -> list[str]:
     if not path:
         return [f"config.model.path is unset, but model.source={source!r} reads a checkpoint: pass "
                 "--config.model.path=<checkpoint directory or file> (or --config.model.source=random)"]
-    p = pathlib.Path(path)
+    p = epath.Path(path)
     if not p.exists():
         return [f"config.model.path={path}: no such file or directory; pass the checkpoint's location"]
     if source == "hf" and p.is_dir() and not (p / "config.json").is_file():
@@ -317,9 +322,9 @@ def _data_problems(data) -> list[str]:
     if data.name in ("scope", "uniprot", "scope_text", "arrays"):
         if not data.path:
             return [f"config.data.path is empty: data.name={data.name!r} reads a file; pass --config.data.path=..."]
-        if not pathlib.Path(data.path).exists():
+        if not epath.Path(data.path).exists():
             return [_missing_file_message(data.path, "config.data.path")]
-    elif data.get("root") and not pathlib.Path(data.root).exists():
+    elif data.get("root") and not epath.Path(data.root).exists():
         return [_missing_file_message(data.root, "config.data.root")]
     return []
 
@@ -328,7 +333,7 @@ def _data_problems(data) -> list[str]:
 # Running
 
 
-def run_one(config, workdir: pathlib.Path):
+def run_one(config, workdir: epath.Path):
     name = config.experiment
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
@@ -380,7 +385,7 @@ def sweep_configs(config, config_arg: str) -> list:
     return children
 
 
-def share_store(child, entry_dir: pathlib.Path, sweep_dir: pathlib.Path) -> None:
+def share_store(child, entry_dir: epath.Path, sweep_dir: epath.Path) -> None:
     """Points an entry that extracts at DIR/stores/<its extraction fingerprint>/, so entries that differ
     only after extraction (profile or probe options) extract once. An entry that trains its own model
     first, or only reads a store (profile, probe), keeps its own workdir's store."""
@@ -408,7 +413,7 @@ def chosen_entries(n_entries: int, index: int | None, count: int | None, where: 
     return [index]
 
 
-def summarize_sweep(children: Sequence, workdir: pathlib.Path) -> dict:
+def summarize_sweep(children: Sequence, workdir: epath.Path) -> dict:
     """Overlays the finished entries' profiles (DIR/sweep_*.png/pdf) and writes DIR/sweep.json and DIR/sweep.md;
     entries without results.json are listed as missing. Runs nothing."""
     from experiments import report
@@ -437,7 +442,7 @@ def summarize_sweep(children: Sequence, workdir: pathlib.Path) -> dict:
     return summary
 
 
-def run_sweep(config, workdir: pathlib.Path, *, index: int | None = None, count: int | None = None,
+def run_sweep(config, workdir: epath.Path, *, index: int | None = None, count: int | None = None,
               summarize: bool = False) -> None:
     """Runs the sweep's entries (all, or entry `index` only) then summarises; `summarize`: summarise only."""
     config_file = config_flags.get_config_filename(FLAGS["config"])
@@ -502,7 +507,7 @@ def main(argv: Sequence[str]) -> None:
         return
     if _WORKDIR.value is None:
         fail("--workdir is required: the directory for results, checkpoints and figures, e.g. --workdir=workdirs/run")
-    workdir = pathlib.Path(_WORKDIR.value)
+    workdir = epath.Path(_WORKDIR.value)
     try:
         from experiments import distributed
 

@@ -12,40 +12,41 @@
 
 Optimizer state is left behind: an export is for reading representations, not for resuming training
 (the workdir's own checkpoints do that). Each step directory is written by Orbax atomically; rerunning
-replaces it.
+replaces it. EXPORT_DIR may be local or remote (gs://...): the run records are copied through
+`experiments.files` (atomic), the checkpoints by Orbax.
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
-import shutil
 from collections.abc import Sequence
 
+from etils import epath
+
 from experiments import train
-from experiments.files import atomic_write_json
+from experiments.files import atomic_open, atomic_write_json
 from models import palette, registry
 
 RUN_RECORDS = ("config.json", "model_config.json", "data_split.json", "metrics.jsonl", "train_result.json",
                "loss_curve.png")
 
 
-def step_dir(out: pathlib.Path | str, step: int) -> pathlib.Path:
+def step_dir(out: epath.PathLike, step: int) -> epath.Path:
     """Where `export` puts checkpoint `step`."""
-    return pathlib.Path(out) / f"step_{int(step)}"
+    return epath.Path(out) / f"step_{int(step)}"
 
 
-def exported_steps(out: pathlib.Path | str) -> list[int]:
+def exported_steps(out: epath.PathLike) -> list[int]:
     """The steps exported under `out`, ascending."""
-    return sorted(int(p.name.removeprefix("step_")) for p in pathlib.Path(out).glob("step_*")
+    return sorted(int(p.name.removeprefix("step_")) for p in epath.Path(out).glob("step_*")
                   if p.name.removeprefix("step_").isdigit() and (p / "metadata.json").is_file())
 
 
-def export(workdir: pathlib.Path | str, out: pathlib.Path | str, steps: Sequence[int] | None = None) -> list[int]:
+def export(workdir: epath.PathLike, out: epath.PathLike, steps: Sequence[int] | None = None) -> list[int]:
     """Writes checkpoints `steps` (default: the run's `checkpoint.keep_steps` and its last step, those of them
     present) of the training run in `workdir` to `out` (layout in the module docstring). Returns the steps
     written."""
-    workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+    workdir, out = epath.Path(workdir), epath.Path(out)
     if steps is None:
         config = train.load_config(workdir)
         kept = set(config.checkpoint.get("keep_steps") or ()) | {int(config.train.steps)}  # and the trained model
@@ -57,7 +58,8 @@ def export(workdir: pathlib.Path | str, out: pathlib.Path | str, steps: Sequence
     out.mkdir(parents=True, exist_ok=True)
     for name in RUN_RECORDS:
         if (workdir / name).is_file():
-            shutil.copyfile(workdir / name, out / name)
+            with atomic_open(out / name) as f:
+                f.write((workdir / name).read_bytes())
     for step in steps:
         model, params, _ = train.load_trained(workdir, step=step)
         target = step_dir(out, step)

@@ -20,7 +20,6 @@ researcher's own model runs per process, without the mesh, on that process's bat
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -29,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from tqdm.auto import tqdm
 
 from experiments import datasets, distributed, files, store
@@ -253,7 +253,7 @@ def _load_family(model_settings: ml_collections.ConfigDict) -> tuple[Any, Any, A
 
 
 def family_model(model_settings: ml_collections.ConfigDict, examples: Examples, batch_size: int | str,
-                 workdir: pathlib.Path, extract_settings: ml_collections.ConfigDict | None = None,
+                 workdir: epath.PathLike, extract_settings: ml_collections.ConfigDict | None = None,
                  ) -> tuple[registry.Encoder, int, jax.sharding.Mesh | None]:
     """The configured family's model as a registry `Encoder`, with its global batch size and its mesh.
 
@@ -355,7 +355,7 @@ def encoder_for(model: Any, examples: Examples, batch_size: int, description: di
 
 
 def build_encoder(model_settings: ml_collections.ConfigDict, examples: Examples, batch_size: int | str,
-                  workdir: pathlib.Path, extract_settings: ml_collections.ConfigDict | None = None) -> Encoder:
+                  workdir: epath.PathLike, extract_settings: ml_collections.ConfigDict | None = None) -> Encoder:
     """The configured model as an extraction `Encoder`: `model.encoder` (the researcher's own, per process,
     no mesh) if set, else `model.family` (on the mesh when `extract_settings` ask for it: `use_mesh`)."""
     if model_settings.get("encoder"):
@@ -376,7 +376,7 @@ def build_encoder(model_settings: ml_collections.ConfigDict, examples: Examples,
 RESUME_TOLERANCE = 1e-3  # of the stored batch's largest magnitude: another platform's rounding passes
 
 
-def check_same_model(directory: pathlib.Path, encoder: Encoder, batch: int) -> None:
+def check_same_model(directory: epath.PathLike, encoder: Encoder, batch: int) -> None:
     """Before a resumed extraction adds batches: the model must still give stored batch `batch`.
 
     The store's fingerprint sees the config, not the model's code or an unseeded initialisation; a model
@@ -409,7 +409,7 @@ def extraction_fingerprint(config: ml_collections.ConfigDict, examples: Examples
                               **({} if arrays else {"examples": datasets.identity(examples)})})
 
 
-def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Extracts pooled representations of every layer into the workdir's store (resumable):
     `workdir/representations`, or the shared store `workdir/store.json` names (`store.point_to_store`).
 
@@ -420,13 +420,15 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     Files: each process writes only its own batch files (`store.batch_path`); process 0 writes the shared
     plan.json, the layer files, labels.npy, ids.json and manifest.json (`store.open_plan`, `store.finalize`),
     after barriers that order them with the other processes' batch files.
+
+    The workdir may be local or remote (gs://...: `experiments.store` says what differs there).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     directory = store.store_dir(workdir)
-    home = directory.parent.resolve()  # one lock path per store, however an entry's link names it
+    home = files.canonical_path(directory.parent)  # one lock path per store, however an entry's link names it
     process = jax.process_index()
     with files.workdir_lock(workdir, "extract", process_index=process):
-        if home == workdir.resolve():
+        if home == files.canonical_path(workdir):
             return _run(config, directory)
         if not store.is_complete(directory):
             logging.info("waiting for the shared store %s (another job may be extracting it)", directory)
@@ -434,7 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             return _run(config, directory)
 
 
-def _run(config: ml_collections.ConfigDict, directory: pathlib.Path) -> dict:
+def _run(config: ml_collections.ConfigDict, directory: epath.Path) -> dict:
     arrays = _reads_arrays(config)
     examples = None if arrays else load_examples(config.data)
     requested = extraction_fingerprint(config, examples)

@@ -32,6 +32,11 @@ the message a second job gets: two jobs starting at the same moment can both mis
 and a killed run leaves its object behind (delete it once that job is surely gone).
 
 Memory-mapped files (`preallocate`) need a local file system; a remote path is refused with that reason.
+A file assembled locally reaches its place through `publish` (a rename locally, an atomic upload to a
+remote path), and `read_recorded_npy` reads a remote `.npy` into memory, checked against its record.
+
+Paths are compared and linked through `canonical_path` and `relative_path`, which treat a URI's path
+textually (an object store has no symlinks and does not interpret "..").
 
 Where this module lives, and why: these are the pipeline's storage rules, not geometry, so they sit on
 the pipeline side rather than in `idjax/` (the library of pure array functions). The model code saves
@@ -50,9 +55,11 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import pathlib
+import posixpath
 import socket
 import sys
 import tempfile
@@ -88,6 +95,30 @@ def local_path(path: epath.PathLike) -> pathlib.Path | None:
     """The `pathlib.Path` of a path on the local file system; None for a URI (gs://, s3://, ...)."""
     text = os.fspath(path)
     return None if "://" in text else pathlib.Path(text)
+
+
+def canonical_path(path: epath.PathLike) -> epath.Path:
+    """One name per file, for comparing paths and naming locks: a local path made absolute with symlinks
+    resolved; a URI with its "." and ".." segments collapsed (an object store would keep them literally)."""
+    local = local_path(path)
+    if local is not None:
+        return epath.Path(local.resolve())
+    scheme, rest = os.fspath(path).split("://", 1)
+    return epath.Path(f"{scheme}://{posixpath.normpath(rest)}")
+
+
+def relative_path(path: epath.PathLike, start: epath.PathLike) -> str:
+    """`path` relative to the directory `start` (e.g. "stores/x/representations" from the sweep directory), on
+    the local file system or within one object store (a ValueError for paths on two different file systems,
+    which no relative path links)."""
+    local, local_start = local_path(path), local_path(start)
+    if local is not None and local_start is not None:
+        return os.path.relpath(local, local_start)
+    if local is None and local_start is None:
+        (scheme, rest), (start_scheme, start_rest) = (os.fspath(p).split("://", 1) for p in (path, start))
+        if scheme == start_scheme:
+            return posixpath.relpath("/" + rest, "/" + start_rest)
+    raise ValueError(f"{path} and {start} are on different file systems: no relative path links them")
 
 
 def _no_space(e: OSError, path: epath.PathLike) -> OSError:
@@ -143,6 +174,31 @@ def _atomic_open_remote(path: epath.Path) -> Iterator[IO[bytes]]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def publish(local_file: pathlib.Path, path: epath.PathLike) -> None:
+    """Moves a finished local file onto `path`. A local `path` (on the same file system) gets an atomic
+    `os.replace`; a remote one an atomic upload streamed through `atomic_open`, then the local file is removed."""
+    local = local_path(path)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local_file, local)
+        return
+    with open(local_file, "rb") as source, atomic_open(path) as target:
+        while chunk := source.read(_CHUNK):
+            target.write(chunk)
+    os.unlink(local_file)
+
+
+def atomic_save_figure(fig: Any, path: epath.PathLike, **savefig_kwargs: Any) -> epath.Path:
+    """Saves a matplotlib figure in the format its suffix names (.png, .pdf), atomically: rendered to
+    bytes first (a rendering error leaves nothing), then written through `atomic_open`."""
+    path = epath.Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.removeprefix("."), **savefig_kwargs)
+    with atomic_open(path) as f:
+        f.write(buffer.getvalue())
+    return path
 
 
 def atomic_write_text(path: epath.PathLike, text: str) -> None:
@@ -290,6 +346,30 @@ def verify_file(path: epath.PathLike, record: dict, *, fix: str, progress: Any =
     check_size(path, record, fix=fix)
     if sha256_file(path, progress) != record["sha256"]:
         raise _corrupt(path, "its contents do not match their recorded SHA-256", fix)
+
+
+def read_recorded_npy(path: epath.PathLike, record: dict, *, fix: str, verify: bool = True) -> np.ndarray:
+    """A `.npy` file read whole into memory in one pass (no memory map: for a remote file), its size and,
+    with `verify`, its SHA-256 checked against `record` on the bytes read. The array is read-only, a view of
+    those bytes (no second copy). `CorruptFileError` naming the file (and saying `fix`) if it does not match."""
+    check_size(path, record, fix=fix)
+    data = epath.Path(path).read_bytes()
+    if len(data) != record["bytes"]:
+        raise _corrupt(path, f"it has {len(data)} bytes, {record['bytes']} were written (truncated or replaced)", fix)
+    if verify and hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise _corrupt(path, "its contents do not match their recorded SHA-256", fix)
+    header = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(header)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(header)
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects")
+        count = int(np.prod(shape))
+        array = np.frombuffer(data, dtype, count=count, offset=header.tell())
+    except ValueError as e:
+        raise _corrupt(path, f"unreadable ({e})", fix) from e
+    return array.reshape(shape, order="F" if fortran_order else "C")
 
 
 def preallocate(path: epath.PathLike, size: int) -> None:

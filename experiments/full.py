@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import ml_collections
 from absl import logging
+from etils import epath
 
 from experiments import extract, profile
 
 
-def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Runs every stage in `workdir`; a finished stage is skipped, an interrupted one resumes.
 
     If `config.training` is set, the model is trained first in `workdir/train` (resuming from its last
     checkpoint) and `config.model` reads it (source "trained").
     """
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     if config.get("training") and not config.model.get("encoder"):  # the researcher's own model is not trained here
         from experiments import train
 
@@ -35,7 +34,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     return results
 
 
-def _print_summary(results: dict, workdir: pathlib.Path) -> None:
+def _print_summary(results: dict, workdir: epath.Path) -> None:
     """After the profile job's per-layer table: the selection, estimator agreement and the checks' layers."""
     ids = ", ".join(f"{v:.1f}" for v in results["id"])
     print(f"\nID profile ({results['id_estimator']}, {results['n_points']} points): [{ids}]")

@@ -29,15 +29,14 @@ embedding, L the last layer, the peak and the selected layer are those of `idjax
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from experiments.files import atomic_write_json, atomic_write_text
+from experiments.files import atomic_save_figure, atomic_write_json, atomic_write_text, read_json
 
 PLATEAU_RANGE = 0.1
 CLAIMS = ("early_peak", "minimum_after", "semantic_layer", "overlap_plateau")
@@ -50,13 +49,14 @@ CLAIM_TEXT = {
 }
 
 
-def step_results(sweep_dir: pathlib.Path | str) -> list[tuple[int, dict]]:
+def step_results(sweep_dir: epath.PathLike) -> list[tuple[int, dict]]:
     """(step, results.json) of every finished sweep entry named step_<S>, ascending by step."""
     found = []
-    for path in pathlib.Path(sweep_dir).glob("step_*/results.json"):
+    for path in epath.Path(sweep_dir).glob("step_*/results.json"):
         match = re.fullmatch(r"step_(\d+)", path.parent.name)
         if match:
-            found.append((int(match.group(1)), json.loads(path.read_text())))
+            found.append((int(match.group(1)), read_json(path, fix=f"delete it and re-run the sweep entry "
+                                                                   f"{path.parent.name}")))
     if not found:
         raise FileNotFoundError(f"no step_<S>/results.json under {sweep_dir}: run the sweep first")
     return sorted(found, key=lambda item: item[0])
@@ -95,7 +95,7 @@ def step_claims(results: dict) -> dict[str, Any]:
     return claims
 
 
-def summarize(sweep_dir: pathlib.Path | str) -> dict:
+def summarize(sweep_dir: epath.PathLike) -> dict:
     """Claims per step plus claim 5 over the run: {"steps": [...], "per_step": {...}, "emerges": {...}}."""
     entries = step_results(sweep_dir)
     per_step = {step: step_claims(results) for step, results in entries}
@@ -172,14 +172,14 @@ def per_step_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def write_figures(sweep_dir: pathlib.Path | str) -> list[pathlib.Path]:
+def write_figures(sweep_dir: epath.PathLike) -> list[epath.Path]:
     """The per-step curves and the ID heatmap (PNG + PDF) in `sweep_dir`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep_dir = pathlib.Path(sweep_dir)
+    sweep_dir = epath.Path(sweep_dir)
     entries = step_results(sweep_dir)
     colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(entries)))
     k = entries[-1][1].get("best_overlap_k")
@@ -234,11 +234,8 @@ def _curve(results: dict, key: str) -> np.ndarray | None:
     return np.asarray([np.nan if v is None else v for v in results.get("adjacent_overlap", [])], float)
 
 
-def _save(fig: Any, stem: pathlib.Path) -> list[pathlib.Path]:
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    for path in paths:
-        fig.savefig(path)
-    return paths
+def _save(fig: Any, stem: epath.Path) -> list[epath.Path]:
+    return [atomic_save_figure(fig, stem.with_suffix(suffix)) for suffix in (".png", ".pdf")]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -246,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("sweep_dir")
     parser.add_argument("--loss", default=None, help="a training workdir or export (its metrics.jsonl): loss curves")
     args = parser.parse_args(argv)
-    sweep_dir = pathlib.Path(args.sweep_dir)
+    sweep_dir = epath.Path(args.sweep_dir)
     summary = summarize(sweep_dir)
     atomic_write_json(sweep_dir / "claims.json", summary)
     text = claims_table(summary) + "\n\n" + per_step_table(summary) + "\n"

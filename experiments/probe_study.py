@@ -24,13 +24,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import pathlib
 import time
 from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from experiments import datasets, extract, files, probe, store
 
@@ -88,11 +88,11 @@ def quantised_pixels(images: np.ndarray, colours: np.ndarray) -> np.ndarray:
 # The stores
 
 
-def trained_model(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, ml_collections.ConfigDict, dict]:
+def trained_model(config: ml_collections.ConfigDict) -> tuple[epath.Path, ml_collections.ConfigDict, dict]:
     """(training workdir, its run config, its model config fields), checked against `config.model`."""
     from experiments import train
 
-    path = pathlib.Path(config.model.path)
+    path = epath.Path(config.model.path)
     if not (path / "config.json").is_file() or not (path / "model_config.json").is_file():
         raise FileNotFoundError(f"config.model.path={path} is not a training workdir (no config.json and "
                                 "model_config.json); pass the --workdir of a configs/train_*.py run")
@@ -131,7 +131,7 @@ def store_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections
 
 
 def features_config(config: ml_collections.ConfigDict, trained: ml_collections.ConfigDict,
-                    workdir: pathlib.Path) -> ml_collections.ConfigDict:
+                    workdir: epath.PathLike) -> ml_collections.ConfigDict:
     """Writes the feature baseline of the trained store's examples as a one-layer array directory (named by
     its content, so other features never meet an old store) and returns the config that stores it."""
     examples = datasets.load_examples(trained.data)
@@ -140,12 +140,11 @@ def features_config(config: ml_collections.ConfigDict, trained: ml_collections.C
     else:
         from models import palette
 
-        features = quantised_pixels(examples.inputs, palette.load_palette(pathlib.Path(config.model.path) /
+        features = quantised_pixels(examples.inputs, palette.load_palette(epath.Path(config.model.path) /
                                                                            "palette.npy"))
     digest = hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest()[:12]
-    directory = workdir / "features" / f"input_{digest}"
+    directory = epath.Path(workdir) / "features" / f"input_{digest}"
     if not (directory / "layer_0.npy").is_file():
-        directory.mkdir(parents=True, exist_ok=True)
         files.atomic_save_npy(directory / "labels.npy", examples.labels)
         files.atomic_save_npy(directory / "layer_0.npy", features)  # written last: its presence means complete
     out = copy.deepcopy(trained)
@@ -154,7 +153,7 @@ def features_config(config: ml_collections.ConfigDict, trained: ml_collections.C
     return out
 
 
-def _load(workdir: pathlib.Path, verify: bool) -> store.Representations:
+def _load(workdir: epath.Path, verify: bool) -> store.Representations:
     return store.load(store.store_dir(workdir), verify=verify)
 
 
@@ -221,15 +220,15 @@ def igpt_scores(reps: store.Representations, labels: np.ndarray, split: tuple[np
 # The job
 
 
-def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Extracts the three stores under `workdir` (each resumable), probes them, writes probe_study.json and
     the figure. Holds the workdir's lock."""
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     with files.workdir_lock(workdir, "probe_study"):
         return _run(config, workdir)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def _run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     start = time.perf_counter()
     configs = store_configs(config)
     if not config.study.untrained:
@@ -294,7 +293,7 @@ def study_curves(result: dict) -> dict[str, list[float]]:
     return {name: values for name, values in curves.items() if values}
 
 
-def plot_probes(result: dict, path: pathlib.Path) -> pathlib.Path:
+def plot_probes(result: dict, path: epath.Path) -> epath.Path:
     """The per-layer probe curves as PNG (`path`) and PDF beside it, each written atomically."""
     from experiments import report
 
@@ -308,11 +307,10 @@ def plot_probes(result: dict, path: pathlib.Path) -> pathlib.Path:
         else:
             ax.plot(range(len(ys)), ys, "o-", ms=3, label=name)
     report._style(ax, "layer (0 = embeddings)", "accuracy")
-    ax.set_title(f"{pathlib.Path(result['workdir']).name}: per-layer probes (k={result['k']})")
+    ax.set_title(f"{epath.Path(result['workdir']).name}: per-layer probes (k={result['k']})")
     ax.legend(fontsize=6)
     fig.tight_layout()
     for suffix in (".png", ".pdf"):
-        with files.atomic_open(path.with_suffix(suffix)) as f:
-            fig.savefig(f, format=suffix[1:])
+        files.atomic_save_figure(fig, path.with_suffix(suffix))
     plt.close(fig)
     return path

@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -42,11 +40,12 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 import idjax
-from experiments import distributed, report, store
+from experiments import distributed, files, report, store
 from experiments.files import CorruptFileError, atomic_save_npz, atomic_write_json, load_npz, workdir_lock
 from idjax.selection import select_layer
 
@@ -165,13 +164,13 @@ def array_digest(array: np.ndarray, chunk_bytes: int = 1 << 26) -> str:
     return h.hexdigest()[:32]
 
 
-def read_cache_entry(path: pathlib.Path, key: str) -> dict[str, np.ndarray] | None:
+def read_cache_entry(path: epath.PathLike, key: str) -> dict[str, np.ndarray] | None:
     """The arrays of the cache file `path` if it was written for exactly `key`, else None.
 
     The single read path of every cached result: a file written for another key (other data, other
     points, other options), an older format or an unreadable file is never returned as a result.
     """
-    if not path.is_file():
+    if not epath.Path(path).is_file():
         return None
     try:
         stored = load_npz(path, fix="it is recomputed")  # checksum: a damaged or swapped file is never read
@@ -183,7 +182,7 @@ def read_cache_entry(path: pathlib.Path, key: str) -> dict[str, np.ndarray] | No
     return {name: value for name, value in stored.items() if name != _KEY}
 
 
-def write_cache_entry(path: pathlib.Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+def write_cache_entry(path: epath.PathLike, key: str, arrays: dict[str, np.ndarray]) -> None:
     """The single write path of every cached result: the arrays and the key that produced them, atomically."""
     atomic_save_npz(path, **{_KEY: np.array(key)}, **arrays)
 
@@ -192,7 +191,7 @@ def _cache_text(key: dict) -> str:
     return json.dumps({"format": _CACHE_FORMAT, **key}, sort_keys=True)
 
 
-def cached(path: pathlib.Path, key: dict, compute: Callable[[], dict], *,
+def cached(path: epath.PathLike, key: dict, compute: Callable[[], dict], *,
            collective: bool = False) -> dict[str, np.ndarray]:
     """`compute()` as numpy arrays, read from `path` when it holds the result for `key`, else computed and
     stored there (replacing whatever the file held). A hit and a fresh computation return the same values.
@@ -243,7 +242,7 @@ def label_metrics(idx: np.ndarray, labels: np.ndarray, label_ks) -> dict[str, np
 
 
 def layer_metrics(x, keep: np.ndarray, labels: np.ndarray | None, cfg: ml_collections.ConfigDict, seed: int, *,
-                  layer: int, identity: dict, cache_dir: pathlib.Path, local: bool = False) -> dict[str, np.ndarray]:
+                  layer: int, identity: dict, cache_dir: epath.PathLike, local: bool = False) -> dict[str, np.ndarray]:
     """Everything computed from one layer's representation, each part cached under the key of exactly
     what produced it: the kNN graph (data, points, k), the IDs from it (+ twonn_fraction,
     gride_range_max), the decimation curve (data, points, its options, seed) and the label overlaps
@@ -263,18 +262,19 @@ def layer_metrics(x, keep: np.ndarray, labels: np.ndarray | None, cfg: ml_collec
         dist, idx = knn_graph(rows(), k, cfg.get("sharded", "auto"), local=local)
         return {"distances": dist, "indices": idx}
 
-    prefix = cache_dir / f"layer_{layer:03d}"
-    neighbours = cached(pathlib.Path(f"{prefix}_graph.npz"), {"result": "knn_graph", **data, "k": k}, graph,
-                        collective=not local)
+    def entry(part: str) -> epath.Path:
+        return epath.Path(cache_dir) / f"layer_{layer:03d}_{part}.npz"
+
+    neighbours = cached(entry("graph"), {"result": "knn_graph", **data, "k": k}, graph, collective=not local)
     out = {"indices": neighbours["indices"]}
-    out.update(cached(pathlib.Path(f"{prefix}_ids.npz"), {"result": "ids", **data, "k": k, **_options(cfg, ID_OPTIONS)},
+    out.update(cached(entry("ids"), {"result": "ids", **data, "k": k, **_options(cfg, ID_OPTIONS)},
                       lambda: id_metrics(neighbours["distances"], cfg)))
     if cfg.decimation:
-        out.update(cached(pathlib.Path(f"{prefix}_decimation.npz"),
+        out.update(cached(entry("decimation"),
                           {"result": "decimation", **data, "seed": seed, **_options(cfg, DECIMATION_OPTIONS)},
                           lambda: decimation_metrics(rows(), cfg, seed)))
     if labels is not None:
-        out.update(cached(pathlib.Path(f"{prefix}_labels.npz"),
+        out.update(cached(entry("labels"),
                           {"result": "labels", **data, "k": k, "labels_digest": identity["labels_digest"],
                            **_options(cfg, LABEL_OPTIONS)},
                           lambda: label_metrics(neighbours["indices"], labels, cfg.label_ks)))
@@ -389,7 +389,7 @@ def overlap_uncertainty(per_layer: list[dict], labels: np.ndarray | None, k_over
     return arrays, summary
 
 
-def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict, cache_dir: pathlib.Path,
+def compute_profile(reps: store.Representations, cfg: ml_collections.ConfigDict, cache_dir: epath.PathLike,
                     seed: int = 0) -> tuple[dict, dict]:
     """Per-layer metrics (resumable through `cache_dir`), adjacent-layer overlaps and the selection.
 
@@ -472,7 +472,7 @@ def store_identity(reps: store.Representations, keep: np.ndarray) -> dict:
 
 
 def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collections.ConfigDict,
-               overlap_k: int = 30, *, cache_dir: pathlib.Path, identity: dict | None = None) -> dict:
+               overlap_k: int = 30, *, cache_dir: epath.PathLike, identity: dict | None = None) -> dict:
     """Linear-probe and kNN-classifier accuracy per layer (labels required).
 
     With `cfg.remote_homology` and group labels in the store (SCOPe families), the kNN probe and a
@@ -484,6 +484,7 @@ def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collection
     """
     from experiments import probe
 
+    cache_dir = epath.Path(cache_dir)
     identity = identity or store_identity(reps, keep)
     layers = probe.LayerRows(reps.layers, keep)  # one layer in memory at a time, not all of them
     labels = np.asarray(reps.labels)[keep]
@@ -531,14 +532,14 @@ def run_probes(reps: store.Representations, keep: np.ndarray, cfg: ml_collection
     return out
 
 
-def run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def run_probe_only(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Probes every layer of the stored representations; writes probes.json."""
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     with workdir_lock(workdir, "probe"):
         return _run_probe_only(config, workdir)
 
 
-def _run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def _run_probe_only(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     reps = store.load(store.store_dir(workdir), verify=config.profile.get("verify_store", True))
     if reps.labels is None:
         raise ValueError(f"the representations in {workdir} have no labels to probe")
@@ -549,16 +550,17 @@ def _run_probe_only(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
     return probes
 
 
-def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Profiles the representations in `workdir` and writes results.json, profile.npz and figures.
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
+    """Profiles the representations in `workdir` (local or remote) and writes results.json, profile.npz and
+    figures.
 
     Holds the workdir's lock (`experiments.files.workdir_lock`): a second job on the same workdir is refused.
     """
     with workdir_lock(workdir, "profile", process_index=jax.process_index()):
-        return _run(config, pathlib.Path(workdir))
+        return _run(config, epath.Path(workdir))
 
 
-def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def _run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     directory = store.store_dir(workdir)
     reps = store.load(directory, verify=config.profile.get("verify_store", True))
     logging.info("profiling %d layers x %d examples (devices: %s)", len(reps.layers), len(reps.ids), jax.devices())
@@ -576,7 +578,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     meta = reps.manifest["metadata"]
     results = {"name": config.get("name", workdir.name), "model": meta.get("model"), "data": meta.get("data"),
                "label_names": meta.get("label_names"), **summary,
-               "representations": {"path": os.path.relpath(directory, workdir),
+               "representations": {"path": files.relative_path(directory, workdir),
                                    "fingerprint": meta.get("config_fingerprint")},
                "config": json.loads(config.to_json_best_effort())}
     results["provenance"] = report.provenance(results["config"])
@@ -590,20 +592,20 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     # labels are gone) is removed rather than left beside results it does not show.
     previous = _previous_figures(workdir / "results.json")
     figures = [str(f) for f in report.write_figures(workdir, [(results["name"], results, arrays)])]
-    for stale in previous - {pathlib.Path(f).name for f in figures}:
+    for stale in previous - {epath.Path(f).name for f in figures}:
         (workdir / stale).unlink(missing_ok=True)
     results["figures"] = figures
-    report.write_report_md(workdir, results, [pathlib.Path(f) for f in figures])
+    report.write_report_md(workdir, results, figures)
     atomic_write_json(workdir / "results.json", results, checksum=True)
     print("\n" + report.summary_markdown(results))
     print(f"results: {workdir / 'results.json'}, report: {workdir / 'report.md'}")
     return results
 
 
-def _previous_figures(results_file: pathlib.Path) -> set[str]:
+def _previous_figures(results_file: epath.Path) -> set[str]:
     """File names of the figures an earlier results.json in this workdir lists (a workdir may have been
     moved or copied since, so only the names count, taken in this workdir)."""
     try:
-        return {pathlib.Path(f).name for f in json.loads(results_file.read_text()).get("figures", [])}
+        return {epath.Path(f).name for f in json.loads(results_file.read_text()).get("figures", [])}
     except (OSError, ValueError, AttributeError, TypeError):
         return set()

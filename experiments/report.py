@@ -4,7 +4,8 @@ Each run is (name, results dict, arrays dict) as written by `experiments/profile
 Figures (PNG and PDF): ID per layer (error bars, peak and selected layer marked, the selection rule
 that fired), label overlap and probe accuracy with chance levels, neighbour overlap between
 consecutive layers (error bars: standard error over points), GRIDE scale dependence. Layers are on
-integer ticks; runs of different depths (sweeps) share a relative-depth axis.
+integer ticks; runs of different depths (sweeps) share a relative-depth axis. Every file is written
+atomically through `experiments.files`, so the directory may be local or remote (gs://...).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+
+from experiments import files  # noqa: E402
 
 Run = tuple[str, dict, dict]
 
@@ -37,10 +41,10 @@ def _style(ax, xlabel: str, ylabel: str) -> None:
     ax.spines[["top", "right"]].set_visible(False)
 
 
-def _save(fig, path: pathlib.Path) -> pathlib.Path:
+def _save(fig, path: epath.Path) -> epath.Path:
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")  # keeps a legend placed below the axes
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")  # vector copy for papers, beside the PNG
+    files.atomic_save_figure(fig, path, bbox_inches="tight")  # "tight" keeps a legend placed below the axes
+    files.atomic_save_figure(fig, path.with_suffix(".pdf"), bbox_inches="tight")  # vector copy beside the PNG
     plt.close(fig)
     return path
 
@@ -96,7 +100,7 @@ def _band(ax, x: np.ndarray, layer: int | None, colour) -> None:
     ax.axvspan(x[layer] - half, x[layer] + half, color=colour, alpha=0.12, lw=0)
 
 
-def plot_id(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
+def plot_id(runs: Sequence[Run], path: epath.Path) -> epath.Path:
     fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
     for (name, results, arrays), colour in zip(runs, _colours(runs), strict=True):
         x = _x(runs, arrays)
@@ -125,7 +129,7 @@ def plot_id(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
     return _save(fig, path)
 
 
-def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path | None:
+def plot_label_overlap(runs: Sequence[Run], path: epath.Path) -> epath.Path | None:
     """Label overlap (left) and probe accuracy (right, when probed), chance levels dotted."""
     runs = [r for r in runs if "label_overlap" in r[2]]
     if not runs:
@@ -173,7 +177,7 @@ def plot_label_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path 
     return _save(fig, path)
 
 
-def plot_adjacent_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
+def plot_adjacent_overlap(runs: Sequence[Run], path: epath.Path) -> epath.Path:
     fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
     values = []
     for (name, _, arrays), colour in zip(runs, _colours(runs), strict=True):
@@ -191,7 +195,7 @@ def plot_adjacent_overlap(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Pa
     return _save(fig, path)
 
 
-def plot_gride_scaling(run: Run, path: pathlib.Path) -> pathlib.Path:
+def plot_gride_scaling(run: Run, path: epath.Path) -> epath.Path:
     name, _, arrays = run
     fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT))
     n_layers = arrays["gride_ids"].shape[0]
@@ -209,10 +213,9 @@ def plot_gride_scaling(run: Run, path: pathlib.Path) -> pathlib.Path:
     return _save(fig, path)
 
 
-def write_figures(directory: pathlib.Path, runs: Sequence[Run], prefix: str = "") -> list[pathlib.Path]:
+def write_figures(directory: epath.PathLike, runs: Sequence[Run], prefix: str = "") -> list[epath.Path]:
     """Writes every figure for `runs` into `directory` (PNG, and a PDF beside each); returns the PNG paths."""
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = epath.Path(directory)
     paths = [plot_id(runs, directory / f"{prefix}id_profile.png"),
              plot_label_overlap(runs, directory / f"{prefix}label_overlap.png"),
              plot_adjacent_overlap(runs, directory / f"{prefix}adjacent_overlap.png")]
@@ -351,19 +354,17 @@ def provenance(config_json: dict | None = None) -> dict:
     return out
 
 
-def write_report_md(directory: pathlib.Path, results: dict, figures: Sequence[pathlib.Path]) -> pathlib.Path:
+def write_report_md(directory: epath.PathLike, results: dict, figures: Sequence[epath.PathLike]) -> epath.Path:
     """report.md beside the figures: the summary table, the figures, provenance and the config."""
     import json
 
-    from experiments.files import atomic_write_text
-
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     lines = [f"# {results.get('name', 'profile')}", ""]
     if results.get("model") or results.get("data"):
         lines += [f"Model: `{json.dumps(results.get('model'))}`  ", f"Data: `{json.dumps(results.get('data'))}`", ""]
     lines += [summary_markdown(results), ""]
     for figure in figures:
-        figure = pathlib.Path(figure)
+        figure = epath.Path(figure)
         lines += [f"![{figure.stem}]({figure.name}) ([PDF]({figure.with_suffix('.pdf').name}))", ""]
     provenance = results.get("provenance")
     if provenance:
@@ -373,5 +374,5 @@ def write_report_md(directory: pathlib.Path, results: dict, figures: Sequence[pa
     if results.get("config"):
         lines += ["## Config", "", "```json", json.dumps(results["config"], indent=2, default=str), "```", ""]
     path = directory / "report.md"
-    atomic_write_text(path, "\n".join(lines))
+    files.atomic_write_text(path, "\n".join(lines))
     return path

@@ -260,8 +260,8 @@ class Profile:
     def plot(self, directory: PathLike, name: str | None = None) -> list[pathlib.Path]:
         """The pipeline's figures (PNG + PDF) for this profile; returns their paths."""
         report = import_pipeline("experiments.report")
-        return report.write_figures(pathlib.Path(directory), [(name or self.summary.get("name", "profile"),
-                                                               self.summary, self.arrays)])
+        return [pathlib.Path(p) for p in report.write_figures(pathlib.Path(directory), [
+            (name or self.summary.get("name", "profile"), self.summary, self.arrays)])]
 
     def to_markdown(self) -> str:
         """The per-layer summary table (ID +- error, overlaps, selection) in Markdown."""

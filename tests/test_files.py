@@ -1,8 +1,8 @@
 """experiments/files.py on every kind of path it takes: str, pathlib, epath, and gs:// through epath.
 
-The gs:// cases run on an in-memory object store: epath's fsspec backend is pointed at fsspec's
-`MemoryFileSystem` for gs:// paths, so every call goes through epath exactly as it would against GCS
-(no rename primitive: `replace` is a copy plus a delete, no flock, no memory maps).
+The gs:// cases run on an in-memory object store (the `gs_memory` fixture of conftest.py): epath's fsspec
+backend is pointed at fsspec's `MemoryFileSystem` for gs:// paths, so every call goes through epath exactly
+as it would against GCS (no rename primitive: `replace` is a copy plus a delete, no flock, no memory maps).
 """
 
 from __future__ import annotations
@@ -14,22 +14,6 @@ import pytest
 from etils import epath
 
 from experiments import files
-
-
-@pytest.fixture
-def gs_memory(monkeypatch):
-    """gs:// paths served by an empty in-memory fsspec file system for the duration of a test."""
-    fsspec_memory = pytest.importorskip("fsspec.implementations.memory")
-    from etils.epath import backend, gpath
-
-    memory = fsspec_memory.MemoryFileSystem()
-    memory.store.clear()
-    memory.pseudo_dirs.clear()
-    memory.pseudo_dirs.append("")
-    monkeypatch.setattr(backend.fsspec_backend, "fs", lambda path: memory)
-    monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", backend.fsspec_backend)
-    monkeypatch.setenv("EPATH_USE_TF", "0")
-    return memory
 
 
 @pytest.fixture(params=["str", "pathlib", "epath", "gs"])
@@ -123,3 +107,54 @@ def test_remote_lock_object_is_deleted_on_exit_and_named_when_stale(gs_memory):
 def test_preallocate_refuses_a_remote_path(gs_memory):
     with pytest.raises(ValueError, match="not on a local file system: memory-mapped arrays need one"):
         files.preallocate("gs://bucket/layer.npy", 1024)
+
+
+def test_recorded_npy_is_read_whole_and_checked(root):
+    path = join(root, "layer.npy")
+    array = np.random.default_rng(1).normal(size=(40, 6)).astype(np.float32)
+    record = files.atomic_save_npy(path, array)
+    got = files.read_recorded_npy(path, record, fix="re-extract")
+    np.testing.assert_array_equal(got, array)
+    assert not isinstance(got, np.memmap) and not got.flags.writeable  # in memory, a view of the bytes read
+    data = epath.Path(path).read_bytes()
+    epath.Path(path).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(files.CorruptFileError, match=r"layer\.npy is damaged: its contents do not match"):
+        files.read_recorded_npy(path, record, fix="re-extract")
+    assert files.read_recorded_npy(path, record, fix="", verify=False).shape == (40, 6)  # unchecked by request
+    epath.Path(path).write_bytes(data[:-4])
+    with pytest.raises(files.CorruptFileError, match="truncated or replaced"):
+        files.read_recorded_npy(path, record, fix="re-extract", verify=False)
+
+
+def test_publish_moves_a_local_file_into_place_and_removes_it(root, tmp_path):
+    scratch = tmp_path / "scratch" / ".layer.tmp"
+    scratch.parent.mkdir()
+    scratch.write_bytes(b"x" * 1000)
+    files.publish(scratch, join(root, "layer.npy"))
+    assert epath.Path(join(root, "layer.npy")).read_bytes() == b"x" * 1000
+    assert not scratch.exists()
+
+
+def test_figures_are_written_whole_in_the_format_of_their_suffix(root):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = files.atomic_save_figure(fig, join(root, "f.png"))
+    pdf = files.atomic_save_figure(fig, join(root, "f.pdf"))
+    plt.close(fig)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:4] == b"%PDF"
+    assert sorted(p.name for p in epath.Path(png).parent.iterdir()) == ["f.pdf", "f.png"]  # no temporary left
+
+
+def test_relative_and_canonical_paths_work_on_uris(root):
+    home, entry = join(root, "stores/abc/representations"), join(root, "k8")
+    assert files.relative_path(home, entry) == "../stores/abc/representations"
+    linked = epath.Path(entry) / files.relative_path(home, entry)
+    assert files.canonical_path(linked) == files.canonical_path(home)
+    assert str(files.canonical_path("gs://bucket/a/./b/../c")) == "gs://bucket/a/c"
+    with pytest.raises(ValueError, match="different file systems"):
+        files.relative_path("gs://bucket/a", "/tmp/a")
