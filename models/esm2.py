@@ -622,7 +622,7 @@ def _torch_load(path: epath.Path, allow_pickle: bool):
                 f"{path} needs full unpickling ({str(err).splitlines()[0]}); if you trust the file, "
                 "call load_fair_esm(..., allow_pickle=True)"
             ) from err
-    except (RuntimeError, EOFError, OSError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # ValueError: a truncated in-memory copy
         raise CheckpointError(
             f"cannot read {path} ({path.stat().length} bytes): {err}; truncated or corrupt?"
         ) from err
@@ -630,7 +630,7 @@ def _torch_load(path: epath.Path, allow_pickle: bool):
         return torch.load(source(), map_location="cpu", weights_only=False)
     except ModuleNotFoundError as err:  # e.g. an omegaconf config object without omegaconf installed
         raise CheckpointError(f"unpickling {path} needs the module {err.name!r}; install it to load this file") from err
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 

@@ -248,6 +248,31 @@ def test_damaged_or_missing_checkpoint_on_gs_named(tiny_esm2_hf, gs_memory_input
         esm2.load_hf("gs://bucket/models/none")
 
 
+@pytest.mark.torch
+def test_fair_esm_pt_from_gs_loads_the_same_params(tiny_esm2_hf, tmp_path, gs_memory_inputs):
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    _, params = tiny_esm2_hf
+    config = esm2.get_config("tiny")
+    flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    state = {"encoder.sentence_encoder." + key: torch.from_numpy(np.ascontiguousarray(transform(flat[path])))
+             for path, (key, transform) in esm2.conversion_rules(config, "fair").items()}  # transforms self-inverse
+    cfg = argparse.Namespace(encoder_layers=config.num_layers, encoder_embed_dim=config.embed_dim,
+                             encoder_attention_heads=config.num_heads, token_dropout=True)
+    local = tmp_path / "esm2_tiny.pt"
+    torch.save({"cfg": {"model": cfg}, "model": state}, local)
+    remote = upload(local, "gs://bucket/models/esm2_tiny.pt")
+    config_local, params_local = esm2.load_fair_esm(local)
+    config_remote, params_remote = registry.load("esm2", "fair_esm", str(remote))
+    chex.assert_trees_all_equal(jax.device_get(params_local), params)
+    chex.assert_trees_all_equal(jax.device_get(params_remote), jax.device_get(params_local))
+    assert config_remote == config_local
+    (remote.parent / "cut.pt").write_bytes(local.read_bytes()[:5000])
+    with pytest.raises(esm2.CheckpointError, match=r"cannot read gs://bucket/models/cut\.pt \(5000 bytes\)"):
+        esm2.load_fair_esm("gs://bucket/models/cut.pt")
+
+
 def test_palette_files_on_gs(tmp_path, gs_memory_inputs):
     colours = np.random.default_rng(3).uniform(-1, 1, (16, 3)).astype(np.float32)
     written = palette.save_palette("gs://bucket/run/palette", colours)
