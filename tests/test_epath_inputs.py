@@ -177,6 +177,22 @@ def test_mnist_idx_from_gs_equals_local(tmp_path, gs_memory_inputs):
     np.testing.assert_array_equal(b.labels, a.labels)
 
 
+def test_cifar10_convnetjs_from_gs_equals_local(tmp_path, gs_memory_inputs):
+    from PIL import Image
+
+    rows = np.arange(1000 * 1024 * 3, dtype=np.int64).reshape(1000, 1024, 3)
+    batch = ((rows * 7 + rows // 3072) % 251).astype(np.uint8)  # deterministic, every image different
+    Image.fromarray(batch).save(tmp_path / "cifar10_batch_0.png")
+    labels = np.arange(1000) % 10
+    (tmp_path / "cifar10_labels.js").write_text("var labels=[" + ",".join(map(str, labels)) + "];")
+    remote = upload(tmp_path, "gs://bucket/cifar")
+    a = image_datasets.load_cifar10_convnetjs(tmp_path, batches=[0])
+    b = image_datasets.load_cifar10_convnetjs(remote, batches=[0])
+    np.testing.assert_array_equal(a.images, batch.reshape(1000, 32, 32, 3))
+    np.testing.assert_array_equal(b.images, a.images)
+    np.testing.assert_array_equal(b.labels, labels)
+
+
 def test_heldout_record_on_gs(gs_memory_inputs):
     trained = [f"digits:{i}" for i in range(0, 1797, 3)]
     files.atomic_write_json("gs://bucket/run/data_split.json", {"train_ids": trained})
