@@ -538,8 +538,8 @@ def build_tfds(
 
     Args:
       name: "mnist", "cifar10", "digits" or "imagenet32" (see `load_image_dataset`).
-      root: the local source (not needed for digits). For imagenet32 the one split is "train":
-        point `root` at the split's npz file/folder and use a separate data_dir per split.
+      root: the source folder or file, local or an epath URI (not needed for digits). For imagenet32 the one
+        split is "train": point `root` at the split's npz file/folder and use a separate data_dir per split.
       splits: which splits to write (default: MNIST test, CIFAR train+test, digits train,
         ImageNet-32 train). A split's files must exist.
       size, rgb, resample: as `prepare_images`; they name the builder config, e.g. "16x16_rgb".
