@@ -18,12 +18,12 @@ import dataclasses
 import functools
 import hashlib
 import json
-import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,19 +267,20 @@ def load_examples(cfg: ml_collections.ConfigDict) -> Examples:
 
 def heldout_indices(ids: Sequence[str], training_run: str, where: str = "the dataset") -> np.ndarray:
     """Sorted indices of the examples a trained model never saw: those whose id is not among the
-    "train_ids" of `training_run`'s data_split.json (a training workdir, or a checkpoint exported from one).
+    "train_ids" of `training_run`'s data_split.json (a training workdir, or a checkpoint exported from one;
+    local or any `etils.epath` URI such as gs://).
 
     Raises:
       DataSourceError when the record is missing or when no id of the dataset is a training id (then the
       dataset is not the one the model was trained on, and "held out" would mean everything).
     """
-    record = pathlib.Path(training_run) / "data_split.json"
+    record = epath.Path(training_run) / "data_split.json"
     try:
         train_ids = set(json.loads(record.read_text())["train_ids"])
     except FileNotFoundError as err:
         raise DataSourceError(f"data.heldout_of={training_run!r}: no {record.name} there (a training workdir or an "
                               "exported checkpoint directory holds one)") from err
-    except (KeyError, json.JSONDecodeError, TypeError) as err:
+    except (KeyError, json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
         raise DataSourceError(f"data.heldout_of={training_run!r}: {record} has no list 'train_ids' ({err!r}); "
                               "re-export the checkpoint or retrain to record it") from err
     trained = np.array([example_id in train_ids for example_id in ids], bool)

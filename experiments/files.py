@@ -490,3 +490,35 @@ def _hold_remote_lock(path: str, workdir: epath.PathLike, job: str, wait: bool) 
     finally:
         del _held[path]
         lock.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs and training logs: absolute paths, appends
+
+
+def absolute(path: epath.PathLike) -> epath.Path:
+    """`path` as an `epath.Path`, made absolute when it is local (Orbax wants absolute directories, and a
+    later change of working directory must not move it); a URI (gs://, ...) is already absolute."""
+    local = local_path(path)
+    return epath.Path(local.absolute()) if local is not None else epath.Path(path)
+
+
+def append_bytes(path: epath.PathLike, data: bytes) -> None:
+    """Appends `data` to the file at `path` (created, with its directory, if missing).
+
+    Local: one append write, flushed; a kill mid-write can leave a partial last record, which the readers
+    of append-only logs (metrics.jsonl, TensorBoard event files) tolerate. An object store has no append:
+    the object is read and written again whole through `atomic_open`, so it is always the old or the new
+    version, and each append costs the object's size (meant for logs of metrics, not for bulk data).
+    """
+    local = local_path(path)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "ab") as f:
+            f.write(data)
+            f.flush()
+        return
+    path = epath.Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    with atomic_open(path) as f:
+        f.write(old + data)

@@ -1,4 +1,5 @@
-"""Labelled image datasets from local files only, as numpy arrays or TFDS array_record data sources.
+"""Labelled image datasets from files (local or at any `etils.epath` URI such as gs://), as numpy arrays or TFDS
+array_record data sources.
 
 Every reader returns an `ImageDataset`: uint8 images [N, H, W, C] (C = 1 for grayscale, 3 for RGB),
 int64 labels [N] and the class names. `ImageDataset` is itself a random-access data source
@@ -26,8 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import os
-import pathlib
 import re
 import types
 import zipfile
@@ -35,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 PathLike = str | os.PathLike
 
@@ -162,7 +164,7 @@ _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype
                0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-def _read_bytes(path: pathlib.Path) -> bytes:
+def _read_bytes(path: epath.Path) -> bytes:
     if not path.is_file():
         raise DatasetError(f"file not found: {path}")
     raw = path.read_bytes()
@@ -176,7 +178,7 @@ def _read_bytes(path: pathlib.Path) -> bytes:
 
 def read_idx(path: PathLike) -> np.ndarray:
     """Reads an IDX file (plain or gzipped): big-endian magic 0x0000 <type> <ndim>, ndim uint32 dims, data."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DatasetError(f"{path}: not an IDX file (expected magic 0x0000 <type> <ndim>, got {raw[:4].hex()})")
@@ -193,7 +195,7 @@ def read_idx(path: PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def _find(root: pathlib.Path, stem: str) -> pathlib.Path:
+def _find(root: epath.Path, stem: str) -> epath.Path:
     for name in (stem + ".gz", stem):
         if (root / name).is_file():
             return root / name
@@ -202,7 +204,7 @@ def _find(root: pathlib.Path, stem: str) -> pathlib.Path:
 
 def load_mnist(root: PathLike, split: str = "test") -> ImageDataset:
     """MNIST from IDX files in `root`. split: "test"/"t10k" or "train"."""
-    root = pathlib.Path(root)
+    root = epath.Path(root)
     prefix = {"test": "t10k", "t10k": "t10k", "train": "train"}.get(split)
     if prefix is None:
         raise ValueError(f"MNIST split must be 'train' or 'test', got {split!r}")
@@ -224,7 +226,7 @@ def load_mnist(root: PathLike, split: str = "test") -> ImageDataset:
 
 def read_cifar10_labels_js(path: PathLike) -> np.ndarray:
     """`var labels=[6, 9, ...];` -> int64 [n]."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise DatasetError(f"file not found: {path} (expected the ConvNetJS cifar10_labels.js)")
     text = path.read_text()
@@ -241,11 +243,11 @@ def read_cifar10_png_batch(path: PathLike) -> np.ndarray:
     """One ConvNetJS batch PNG (1024 wide x 1000 high, 8-bit RGB) -> uint8 [1000, 32, 32, 3]."""
     from PIL import Image, UnidentifiedImageError
 
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise DatasetError(f"file not found: {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path.read_bytes())) as img:  # PIL reads bytes from any backend
             if img.mode != "RGB" or img.size != (1024, 1000):
                 raise DatasetError(
                     f"{path}: expected a 1024x1000 8-bit RGB PNG, got mode {img.mode} size {img.size}"
@@ -266,7 +268,7 @@ def load_cifar10_convnetjs(
         "all" (both). Ignored when `batches` is given.
       batches: explicit batch numbers; each file must exist.
     """
-    root = pathlib.Path(root)
+    root = epath.Path(root)
     if batches is None:
         if split not in ("train", "test", "all"):
             raise ValueError(f"CIFAR-10 split must be 'train', 'test' or 'all', got {split!r}")
@@ -309,11 +311,18 @@ def load_digits() -> ImageDataset:
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
-def _natural_key(path: pathlib.Path) -> list:
+def _natural_key(path: epath.Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
-def _npz_images(data: np.ndarray, path: pathlib.Path) -> np.ndarray:
+def _npz_files(directory: epath.Path) -> list[epath.Path]:
+    """The .npz files of a directory (hidden ones left out, as a glob would) in natural order; listed rather than
+    globbed, which behaves the same on every epath backend."""
+    return sorted((p for p in directory.iterdir() if p.suffix == ".npz" and not p.name.startswith(".")),
+                  key=_natural_key)
+
+
+def _npz_images(data: np.ndarray, path: epath.Path) -> np.ndarray:
     if data.ndim == 4 and data.shape[-1] == 3:
         return data
     if data.ndim == 2 and data.shape[1] % 3 == 0:
@@ -327,7 +336,7 @@ def _npz_images(data: np.ndarray, path: pathlib.Path) -> np.ndarray:
 def load_imagenet32(
     path: PathLike, *, label_base: int = 1, class_names: Sequence[str] | None = None, num_classes: int = 1000,
 ) -> ImageDataset:
-    """ImageNet-32 (Chrabaszcz et al. 2017 "downsampled ImageNet") from local files.
+    """ImageNet-32 (Chrabaszcz et al. 2017 "downsampled ImageNet") from files (local or gs://...).
 
     Accepted layouts:
       - one `.npz` file, or a directory of `.npz` files read in natural order
@@ -343,19 +352,19 @@ def load_imagenet32(
     Args:
       class_names: names for the npz class ids (default "0".."num_classes-1").
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.exists():
         raise DatasetError(f"ImageNet-32 path not found: {path} (expected an .npz file or a directory)")
-    if path.is_dir() and not any(path.glob("*.npz")):
+    if path.is_dir() and not _npz_files(path):
         return load_image_folder(path, name="imagenet32")
     if path.is_file() and path.suffix != ".npz":
         raise DatasetError(f"{path}: expected an .npz file (arrays 'data' and 'labels') or a directory")
-    files = [path] if path.is_file() else sorted(path.glob("*.npz"), key=_natural_key)
+    files = [path] if path.is_file() else _npz_files(path)
     images, labels = [], []
     for file in files:
         try:
             # Our own handle: np.load leaks the one it opens when the zip is corrupt.
-            with open(file, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
+            with file.open("rb") as handle, np.load(handle, allow_pickle=False) as npz:
                 if "data" not in npz or "labels" not in npz:
                     raise DatasetError(f"{file}: expected arrays 'data' and 'labels', found {sorted(npz.files)}")
                 data, lab = npz["data"], np.asarray(npz["labels"]).reshape(-1)
@@ -386,7 +395,7 @@ def load_image_folder(root: PathLike, *, name: str = "image_folder") -> ImageDat
     """`root/<class_name>/*.{png,jpg,...}`: labels follow the sorted class folder names."""
     from PIL import Image, UnidentifiedImageError
 
-    root = pathlib.Path(root)
+    root = epath.Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not classes:
         raise DatasetError(f"{root}: expected class sub-folders holding images (or .npz files)")
@@ -396,7 +405,7 @@ def load_image_folder(root: PathLike, *, name: str = "image_folder") -> ImageDat
             if file.suffix.lower() not in _IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(file) as img:
+                with Image.open(io.BytesIO(file.read_bytes())) as img:
                     arr = np.asarray(img.convert("RGB"))
             except (UnidentifiedImageError, OSError) as err:
                 raise DatasetError(f"{file}: not a readable image ({err})") from err
@@ -438,10 +447,10 @@ def load_image_dataset(
     return prepare(ds, size=size, rgb=rgb, resample=resample)
 
 
-def _need_root(name: str, root: PathLike | None) -> pathlib.Path:
+def _need_root(name: str, root: PathLike | None) -> epath.Path:
     if root is None:
-        raise ValueError(f"dataset {name!r} reads local files: pass root=<folder>")
-    return pathlib.Path(root)
+        raise ValueError(f"dataset {name!r} reads files: pass root=<folder> (local or an epath URI such as gs://...)")
+    return epath.Path(root)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,7 +508,7 @@ def _make_builder_class() -> type:
             )
 
         def _split_generators(self, dl_manager):
-            del dl_manager  # local files only
+            del dl_manager  # nothing to download: the readers open the files themselves
             return {split: self._generate_examples(reader) for split, reader in self._split_readers.items()}
 
         def _generate_examples(self, reader):
@@ -529,8 +538,8 @@ def build_tfds(
 
     Args:
       name: "mnist", "cifar10", "digits" or "imagenet32" (see `load_image_dataset`).
-      root: the local source (not needed for digits). For imagenet32 the one split is "train":
-        point `root` at the split's npz file/folder and use a separate data_dir per split.
+      root: the source folder or file, local or an epath URI (not needed for digits). For imagenet32 the one
+        split is "train": point `root` at the split's npz file/folder and use a separate data_dir per split.
       splits: which splits to write (default: MNIST test, CIFAR train+test, digits train,
         ImageNet-32 train). A split's files must exist.
       size, rgb, resample: as `prepare_images`; they name the builder config, e.g. "16x16_rgb".

@@ -1,4 +1,5 @@
-"""Protein sequence datasets from local FASTA files (see $IDJAX_SHARED_DATA/SOURCES.md).
+"""Protein sequence datasets from FASTA files (see $IDJAX_SHARED_DATA/SOURCES.md), local or at any
+`etils.epath` URI (gs://...), plain or gzipped.
 
   - SCOPe/ASTRAL (`read_scope_astral`): headers `>d1dlwa_ a.1.1.1 (A:) description`; the sccs
     `class.fold.superfamily.family` gives four nested labels. Sequences are lowercase in the file and
@@ -12,14 +13,16 @@ Errors name the file, and for malformed content the line number.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import io
 import os
-import pathlib
 import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
 PathLike = str | os.PathLike
 
@@ -43,10 +46,13 @@ class FastaRecord:
     line: int  # 1-based line number of the header
 
 
-def _open_text(path: pathlib.Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="ascii", newline=None)
-    return path.open("r", encoding="ascii", newline=None)
+@contextlib.contextmanager
+def _open_text(path: epath.Path) -> Iterator[io.TextIOWrapper]:
+    # Bytes through epath (its text mode is UTF-8 only), decoded here: ASCII, universal newlines.
+    with path.open("rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
+        with io.TextIOWrapper(stream, encoding="ascii", newline=None) as text:
+            yield text
 
 
 def read_fasta(path: PathLike) -> list[FastaRecord]:
@@ -56,7 +62,7 @@ def read_fasta(path: PathLike) -> list[FastaRecord]:
       FastaError if the file is missing, empty, not ASCII, has text before the first header, or has a
       record with an empty header or no sequence.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise FastaError(f"FASTA file not found: {path}")
     records: list[FastaRecord] = []
@@ -143,7 +149,7 @@ def _encode(values: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
     return np.fromiter((code[v] for v in values), dtype=np.int64, count=len(values)), names
 
 
-def _check_unique(ids: Sequence[str], path: pathlib.Path) -> None:
+def _check_unique(ids: Sequence[str], path: epath.Path) -> None:
     seen: set[str] = set()
     for i in ids:
         if i in seen:
@@ -159,7 +165,7 @@ def scope_labels(sccs: str) -> dict[str, str]:
 
 def read_scope_astral(path: PathLike) -> ProteinDataset:
     """SCOPe ASTRAL FASTA -> ProteinDataset with labels class / fold / superfamily / family."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     ids, seqs, descs, per_level = [], [], [], {level: [] for level in SCOPE_LEVELS}
     for rec in read_fasta(path):
         fields = rec.header.split(None, 2)
@@ -185,7 +191,7 @@ def read_uniprot_fasta(path: PathLike) -> ProteinDataset:
 
     The database (sp/tr) is kept as a label level "db" since it is free and sometimes useful.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     ids, seqs, descs, dbs = [], [], [], []
     for rec in read_fasta(path):
         m = _UNIPROT_RE.match(rec.header)

@@ -3,7 +3,8 @@
 `write_scalars(directory, record)` appends one event per numeric field of a metrics record
 (`train/loss`, `eval/loss`, `train/lr`, ...) at `record["step"]` to this process's event file in
 `directory` (`events.out.tfevents.<time>.<host>.<pid>.idjax`), so `tensorboard --logdir WORKDIR/tensorboard`
-shows the curves of `metrics.jsonl`. A resumed run starts a new event file; TensorBoard merges them.
+shows the curves of `metrics.jsonl`. A resumed run starts a new event file; TensorBoard merges them. The
+directory may be local or any `etils.epath` URI (gs://...): records are appended with `files.append_bytes`.
 
 Format: TFRecord framing (little-endian length, masked CRC-32C of the length, the payload, masked
 CRC-32C of the payload) around `tensorflow.Event` protocol buffers: wall_time = 1 (double),
@@ -14,10 +15,13 @@ step = 2 (int64), file_version = 3 (string), summary = 5 (Summary: value = 1 (Va
 from __future__ import annotations
 
 import os
-import pathlib
 import socket
 import struct
 import time
+
+from etils import epath
+
+from experiments.files import absolute, append_bytes
 
 _CRC_TABLE = []
 for _byte in range(256):
@@ -73,27 +77,24 @@ def record_bytes(payload: bytes) -> bytes:
     return length + struct.pack("<I", _masked_crc(length)) + payload + struct.pack("<I", _masked_crc(payload))
 
 
-_FILES: dict[pathlib.Path, pathlib.Path] = {}
+_FILES: dict[str, epath.Path] = {}  # absolute directory -> this process's event file there
 
 
-def event_file(directory: pathlib.Path) -> pathlib.Path:
+def event_file(directory: epath.PathLike) -> epath.Path:
     """This process's event file in `directory` (created with its file_version header on first use)."""
-    directory = pathlib.Path(directory).resolve()
-    if directory not in _FILES:
+    directory = absolute(directory)
+    if str(directory) not in _FILES:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.idjax"
-        with open(path, "ab") as f:
-            f.write(record_bytes(event_bytes(time.time(), 0, file_version="brain.Event:2")))
-        _FILES[directory] = path
-    return _FILES[directory]
+        append_bytes(path, record_bytes(event_bytes(time.time(), 0, file_version="brain.Event:2")))
+        _FILES[str(directory)] = path
+    return _FILES[str(directory)]
 
 
-def write_scalars(directory: pathlib.Path, record: dict) -> None:
+def write_scalars(directory: epath.PathLike, record: dict) -> None:
     """Appends the numeric fields of a metrics record (kind, step, ...) as `<kind>/<field>` scalars."""
     scalars = {f"{record.get('kind', 'metrics')}/{key}": float(value) for key, value in sorted(record.items())
                if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool)}
     if not scalars:
         return
-    with open(event_file(directory), "ab") as f:
-        f.write(record_bytes(event_bytes(time.time(), int(record["step"]), scalars=scalars)))
-        f.flush()
+    append_bytes(event_file(directory), record_bytes(event_bytes(time.time(), int(record["step"]), scalars=scalars)))

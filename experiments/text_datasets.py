@@ -27,11 +27,13 @@ The sequences themselves are read by `experiments/protein_datasets.py`; this rea
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import io
+import os
 import re
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 SCOPE_FASTA = "protein/astral-scopedom-seqres-gd-sel-gs-bib-40-2.07.fa"
 SCOP_CLASSES = "abcdefg"
@@ -75,8 +77,8 @@ class TextDataset:
         return len(self.texts)
 
 
-def scope_fasta_path(shared_data: str | pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(shared_data) / SCOPE_FASTA
+def scope_fasta_path(shared_data: str | os.PathLike) -> epath.Path:
+    return epath.Path(shared_data) / SCOPE_FASTA
 
 
 def parse_scope_header(header: str) -> ScopRecord:
@@ -96,13 +98,14 @@ def parse_scope_header(header: str) -> ScopRecord:
     )
 
 
-def read_scope_headers(path: str | pathlib.Path) -> list[ScopRecord]:
-    """Every header record of a SCOPe ASTRAL FASTA file, in file order (sequence lines skipped)."""
-    path = pathlib.Path(path)
+def read_scope_headers(path: str | os.PathLike) -> list[ScopRecord]:
+    """Every header record of a SCOPe ASTRAL FASTA file (local or an `etils.epath` URI such as gs://), in file
+    order (sequence lines skipped)."""
+    path = epath.Path(path)
     if not path.is_file():
         raise TextDatasetError(f"SCOPe FASTA file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:  # universal newlines on every backend
         for lineno, line in enumerate(f, 1):
             if line.startswith(">"):
                 try:
@@ -124,7 +127,7 @@ def record_text(record: ScopRecord, text: str = "description") -> str:
 
 
 def scope_text_dataset(
-    path: str | pathlib.Path,
+    path: str | os.PathLike,
     *,
     text: str = "description",
     drop_automated: bool = True,

@@ -33,6 +33,10 @@ sharded arrays (each process writes its shards; restored into the mesh's shardin
 the shared files (config, metrics, results, TensorBoard, plot); every process runs every step, evaluation
 and checkpoint.
 
+Workdir: local or any `etils.epath` URI (gs://bucket/run): every file goes through `experiments.files`
+(atomic writes; on an object store an append rewrites the object, see `files.append_bytes`) and the
+checkpoints through Orbax, which writes gs:// itself (TensorStore).
+
 Workdir layout:
   config.json        the ConfigDict (written atomically at the start; checked on resume)
   model_config.json  the model's dataclass config ({"family", "config"}), for `load_trained`
@@ -49,8 +53,6 @@ import functools
 import hashlib
 import json
 import logging
-import pathlib
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,13 +63,22 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from experiments import distributed, tensorboard
-from experiments.files import CorruptFileError, atomic_write_json, atomic_write_text, workdir_lock
+from experiments.files import (
+    CorruptFileError,
+    absolute,
+    append_bytes,
+    atomic_open,
+    atomic_write_json,
+    atomic_write_text,
+    workdir_lock,
+)
 from experiments.train_data import BatchIterator, TrainData, load_data
 from models import registry
 
@@ -78,17 +89,15 @@ STATE_ITEM, DATA_ITEM = "state", "data"
 # Small IO helpers
 
 
-def _append_jsonl(path: pathlib.Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
+def _append_jsonl(path: epath.Path, record: dict) -> None:
+    append_bytes(path, (json.dumps(record, sort_keys=True) + "\n").encode())
     tensorboard.write_scalars(path.parent / "tensorboard", record)  # the same curves for TensorBoard
 
 
-def _metric_records(path: pathlib.Path) -> list[tuple[str, dict]]:
+def _metric_records(path: epath.Path) -> list[tuple[str, dict]]:
     """(line, record) pairs of a metrics file; a half-written LAST line (a kill mid-append) is dropped, any
     other unreadable line is a `CorruptFileError` naming the file and line."""
-    text = path.read_text(errors="replace")
+    text = path.read_bytes().decode(errors="replace")
     lines = text.split("\n")
     out = []
     for number, line in enumerate(lines, 1):
@@ -109,15 +118,15 @@ def _metric_records(path: pathlib.Path) -> list[tuple[str, dict]]:
     return out
 
 
-def read_metrics(workdir: pathlib.Path | str) -> list[dict]:
+def read_metrics(workdir: epath.PathLike) -> list[dict]:
     """All records of `workdir/metrics.jsonl` (empty list if absent; a half-written last line is left out)."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = epath.Path(workdir) / "metrics.jsonl"
     if not path.is_file():
         return []
     return [record for _, record in _metric_records(path)]
 
 
-def _truncate_metrics(path: pathlib.Path, last_step: int | None) -> None:
+def _truncate_metrics(path: epath.Path, last_step: int | None) -> None:
     """Keeps only records with step <= last_step: what a run resumed from the checkpoint at `last_step`
     would have written. None (no checkpoint: training starts over) keeps nothing."""
     if not path.is_file():
@@ -354,7 +363,7 @@ def keep_steps(checkpoint_settings: ml_collections.ConfigDict) -> tuple[int, ...
     return tuple(sorted({int(s) for s in (checkpoint_settings.get("keep_steps") or ())}))
 
 
-def _manager(workdir: pathlib.Path, checkpoint_settings: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def _manager(workdir: epath.Path, checkpoint_settings: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     kept = keep_steps(checkpoint_settings)
     # The newest `max_to_keep` checkpoints (for resumption) plus the `keep_steps` ones (for analysis).
     policy = ocp.checkpoint_managers.LatestN(checkpoint_settings.max_to_keep) if not kept else \
@@ -363,7 +372,7 @@ def _manager(workdir: pathlib.Path, checkpoint_settings: ml_collections.ConfigDi
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=checkpoint_settings.get("async_save", True), create=True,
     )
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
+    return ocp.CheckpointManager(absolute(workdir) / "checkpoints", options=options,
                                  item_names=(STATE_ITEM, DATA_ITEM))
 
 
@@ -429,7 +438,18 @@ def _save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: dict, iterat
         DATA_ITEM: ocp.args.JsonSave({**iterator.state(), "state_sha256": state_digest(state)})}), force=True)
 
 
-def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def _set_aside_damaged(workdir: epath.Path, step: int) -> epath.Path:
+    """Moves checkpoint `step` to `checkpoints_damaged/<step>` (replacing one set aside there before), out of the
+    way of new saves; returns where it went. Locally a rename; on an object store epath's rename, a copy of
+    every object then a delete (a kill in between leaves both copies, and the next resume moves it again)."""
+    target = workdir / "checkpoints_damaged" / str(step)
+    target.rmtree(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (workdir / "checkpoints" / str(step)).rename(target)
+    return target
+
+
+def _check_resume_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
     """A resumed run must train the same model on the same data: compare with the saved config."""
     saved_path = workdir / "config.json"
     if not saved_path.is_file():
@@ -457,7 +477,7 @@ def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
 
 def train(
     config: ml_collections.ConfigDict,
-    workdir: pathlib.Path | str,
+    workdir: epath.PathLike,
     *,
     on_step: Callable[[int], None] | None = None,
 ) -> dict:
@@ -467,14 +487,14 @@ def train(
       on_step: called with the global step after each step (and after its checkpoint, if any, has
         been handed to Orbax). An exception raised here aborts the run like a crash would.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     # Each process of a multi-process job holds its own lock: they share the workdir, a second job is refused.
     with workdir_lock(workdir, "train", process_index=jax.process_index()):
         return _train(config, workdir, on_step)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Callable[[int], None] | None) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, on_step: Callable[[int], None] | None) -> dict:
     train_settings, checkpoint_settings = config.train, config.checkpoint
     t_start = time.perf_counter()
 
@@ -508,10 +528,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
         if restored is not None and restored[3]:  # damaged newer checkpoints: out of the way of new saves
             mngr.close()
             for step in restored[3] if writer else ():
-                target = workdir / "checkpoints_damaged" / str(step)
-                shutil.rmtree(target, ignore_errors=True)
-                target.parent.mkdir(exist_ok=True)
-                shutil.move(workdir / "checkpoints" / str(step), target)
+                target = _set_aside_damaged(workdir, step)
                 logging.warning("moved damaged checkpoint %d to %s; resuming from checkpoint %d", step, target,
                                 restored[0])
             distributed.barrier("train: damaged checkpoints moved")
@@ -602,7 +619,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_step: Ca
     return result
 
 
-def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Trains `config.model.family` (ESM-2: masked LM, iGPT: autoregressive pixels) in `workdir`.
 
     Resumes from the latest checkpoint in `workdir/checkpoints` if there is one (exactly: same
@@ -619,12 +636,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 # Downstream
 
 
-def load_config(workdir: pathlib.Path | str) -> ml_collections.ConfigDict:
+def load_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     """The ConfigDict a run in `workdir` was started with."""
-    return ml_collections.ConfigDict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
 
 
-def load_trained(workdir: pathlib.Path | str, step: int | None = None) -> tuple[Any, Any, ml_collections.ConfigDict]:
+def load_trained(workdir: epath.PathLike, step: int | None = None) -> tuple[Any, Any, ml_collections.ConfigDict]:
     """The trained model of a workdir for extraction: (flax module, params, run config).
 
     Args:
@@ -637,10 +654,10 @@ def load_trained(workdir: pathlib.Path | str, step: int | None = None) -> tuple[
       (`igpt.add_start_token`). `model_config.json` of every earlier version is read
       (`registry.config_from_json`).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     config = load_config(workdir)
     model_config = registry.config_from_json(json.loads((workdir / "model_config.json").read_text()))
-    with ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_names=(STATE_ITEM, DATA_ITEM)) as mngr:
+    with ocp.CheckpointManager(absolute(workdir) / "checkpoints", item_names=(STATE_ITEM, DATA_ITEM)) as mngr:
         template = jax.eval_shape(functools.partial(init_state, model_config, make_optimizer(config.train), 0))
         if step is not None:
             state, _ = _restore(mngr, step, template)
@@ -651,28 +668,28 @@ def load_trained(workdir: pathlib.Path | str, step: int | None = None) -> tuple[
     return build_model(model_config), state["params"], config
 
 
-def load_untrained(workdir: pathlib.Path | str) -> tuple[Any, Any, ml_collections.ConfigDict]:
+def load_untrained(workdir: epath.PathLike) -> tuple[Any, Any, ml_collections.ConfigDict]:
     """A training workdir's model as its run initialised it (step 0): (flax module, params, run config).
 
     Needs no checkpoint: the initialisation is a pure function of the model config and the run's seed.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     config = load_config(workdir)
     model_config = registry.config_from_json(json.loads((workdir / "model_config.json").read_text()))
     return build_model(model_config), init_params(model_config, int(config.seed)), config
 
 
 def plot_metrics(
-    workdir: pathlib.Path | str, out: pathlib.Path | str | None = None, title: str | None = None
-) -> pathlib.Path:
+    workdir: epath.PathLike, out: epath.PathLike | None = None, title: str | None = None
+) -> epath.Path:
     """Training loss (per log interval) and held-out loss vs step from metrics.jsonl -> PNG (default
-    workdir/loss_curve.png)."""
+    workdir/loss_curve.png; the format follows the suffix), written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     recs = read_metrics(workdir)
     tr = [(r["step"], r["loss"]) for r in recs if r["kind"] == "train"]
     ev = [(r["step"], r["loss"]) for r in recs if r["kind"] == "eval"]
@@ -688,7 +705,8 @@ def plot_metrics(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = pathlib.Path(out) if out is not None else workdir / "loss_curve.png"
-    fig.savefig(out)
+    out = epath.Path(out) if out is not None else workdir / "loss_curve.png"
+    with atomic_open(out) as f:
+        fig.savefig(f, format=out.suffix[1:] or None)
     plt.close(fig)
     return out

@@ -9,12 +9,13 @@ batches as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from experiments.probe import split_indices
 from models import palette as palette_lib
@@ -53,7 +54,7 @@ class TrainData:
         return int((batch != ptok.PAD_ID).sum()) if self.kind == "proteins" else int(batch.size)
 
 
-def read_fasta(path: pathlib.Path | str) -> list[tuple[str, str]]:
+def read_fasta(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(header without '>', sequence) pairs of a FASTA file, in file order."""
     from experiments import protein_datasets
 
@@ -204,10 +205,10 @@ def load_image_splits(data_config: ml_collections.ConfigDict):
     return train, val
 
 
-def load_image_data(data_config: ml_collections.ConfigDict, workdir: pathlib.Path | None) -> tuple[TrainData, dict]:
+def load_image_data(data_config: ml_collections.ConfigDict, workdir: epath.PathLike | None) -> tuple[TrainData, dict]:
     """Quantized images: palette fitted by k-means on the TRAINING split only (saved to workdir)."""
     train, val = load_image_splits(data_config)
-    palette_path = None if workdir is None else workdir / "palette.npy"
+    palette_path = None if workdir is None else epath.Path(workdir) / "palette.npy"
     if palette_path is not None and palette_path.is_file():
         colours = palette_lib.load_palette(palette_path)  # resume: never refit
     else:
@@ -228,7 +229,7 @@ def load_image_data(data_config: ml_collections.ConfigDict, workdir: pathlib.Pat
 
 
 def load_data(kind: str, data_config: ml_collections.ConfigDict,
-              workdir: pathlib.Path | None = None) -> tuple[TrainData, dict]:
+              workdir: epath.PathLike | None = None) -> tuple[TrainData, dict]:
     """The corpus of `kind` ("proteins" | "images"; for images, the palette in `workdir`)."""
     if kind == "proteins":
         return load_protein_data(data_config)

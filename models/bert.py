@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from models import checkpoints
 from models.pooling import masked_mean
@@ -355,7 +356,7 @@ def read_sentence_recipe(path: checkpoints.PathLike) -> SentenceRecipe:
     all-MiniLM-L6-v2 declares Transformer -> Pooling(mean) -> Normalize. The Normalize module has no
     files (its `2_Normalize` folder is absent), so it is detected from modules.json alone.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     modules_file = path / "modules.json"
     if not modules_file.is_file():
         raise checkpoints.CheckpointError(f"no modules.json in {path}: not a sentence-transformers directory")
@@ -485,7 +486,7 @@ def make_encoder(config: BertConfig, params: Any, settings: Any, examples: Any, 
     from models.registry import FamilyEncoder, to_host
 
     del workdir, batch_size
-    path = minilm_checkpoint_dir() if settings.source == "minilm" else pathlib.Path(settings.path)
+    path = minilm_checkpoint_dir() if settings.source == "minilm" else epath.Path(settings.path)
     tokenizer = text_tokenizer.load_tokenizer(path)
     model = Bert(config)
     normalize = bool(settings.bert.get("normalize", False))

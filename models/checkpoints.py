@@ -1,5 +1,9 @@
 """Checkpoint I/O shared by every model family: Hugging Face safetensors directories and Orbax.
 
+A checkpoint path may be local or any `etils.epath` URI (gs://bucket/...), read through epath's backends. Orbax
+reads and writes gs:// itself: its arrays go through TensorStore's own drivers (GCS among them), not through epath,
+so a store that only fsspec serves (the in-memory one of the tests) cannot hold an Orbax checkpoint.
+
 Model files own their key mapping (HF name -> Flax path, with any transpose); this module owns
 reading, validating and saving. No torch here: fair-esm `.pt` files are read in `models/esm2.py`
 through the optional torch extra.
@@ -10,15 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
-from experiments.files import atomic_write_json
+from experiments.files import absolute, atomic_write_json, local_path
 
 PathLike = str | os.PathLike
 
@@ -46,7 +50,7 @@ class HFConfig(dict):
 
 def read_hf_config(path: PathLike) -> HFConfig:
     """Reads `config.json` from a HF checkpoint directory (or the file itself); it must hold a JSON object."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no config.json at {file}")
@@ -110,22 +114,24 @@ def config_field(hf: Mapping[str, Any], key: str, kind: type, default: Any = REQ
     return value
 
 
-def _read_safetensors_file(file: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_safetensors_file(file: epath.Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
     if not file.is_file():
         raise CheckpointError(f"safetensors file not found: {file}")
+    local = local_path(file)
     try:
-        return load_file(str(file))
+        # A local file is memory-mapped by safetensors; a remote one is read whole, then parsed.
+        return load_file(str(local)) if local is not None else load(file.read_bytes())
     except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(
-            f"cannot read safetensors file {file} ({file.stat().st_size} bytes): {err}. "
+            f"cannot read safetensors file {file} ({file.stat().length} bytes): {err}. "
             "The file is truncated or corrupt; re-download or re-convert it."
         ) from err
 
 
-def _bf16_safe_read(file: pathlib.Path) -> dict[str, np.ndarray]:
+def _bf16_safe_read(file: epath.Path) -> dict[str, np.ndarray]:
     """Reads a safetensors file; bfloat16 tensors (unsupported by safetensors.numpy) via ml_dtypes."""
     try:
         return _read_safetensors_file(file)
@@ -178,7 +184,7 @@ def load_hf_state_dict(path: PathLike) -> dict[str, np.ndarray]:
     `path` is a directory holding `model.safetensors` or the sharded `model.safetensors.index.json`
     (+ shards), or a single `.safetensors` file.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if path.is_file():
         return _bf16_safe_read(path)
     if not path.is_dir():
@@ -293,7 +299,7 @@ def save_orbax(path: PathLike, params: Any, metadata: Mapping[str, Any] | None =
     """
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path).absolute()
+    path = absolute(path)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "params", params, force=True)
         ckptr.wait_until_finished()
@@ -304,7 +310,7 @@ def restore_orbax(path: PathLike) -> tuple[Any, dict[str, Any]]:
     """Restores (params, metadata) written by `save_orbax`, as host numpy arrays."""
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path).absolute()
+    path = absolute(path)
     if not (path / "params").is_dir():
         raise CheckpointError(f"no Orbax params checkpoint under {path}")
     with ocp.StandardCheckpointer() as ckptr:

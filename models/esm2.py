@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
-import pathlib
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from experiments.files import local_path
 from models import attention, checkpoints, protein_tokenizer
 from models.checkpoints import CheckpointError, PathLike
 from models.pooling import first_token, masked_mean
@@ -586,7 +588,7 @@ def load_hf(path: PathLike, *, dtype: str = "float32", **config_overrides: Any) 
     """
     hf_config = checkpoints.read_hf_config(path)
     if not hf_config.get("_name_or_path"):  # original HF uploads have none; the folder name is the best label
-        config_overrides.setdefault("name", pathlib.Path(path).name)
+        config_overrides.setdefault("name", epath.Path(path).name)
     config = config_from_hf(hf_config, **config_overrides)
     state = checkpoints.load_hf_state_dict(path)
     config, params = convert_state_dict(state, config, source="hf", dtype=dtype, where=str(path))
@@ -601,30 +603,34 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def _torch_load(path: pathlib.Path, allow_pickle: bool):
+def _torch_load(path: epath.Path, allow_pickle: bool):
     import argparse
 
     import torch
 
+    def source():  # a local file by name (torch may map it); a remote one read whole, a fresh stream per attempt
+        local = local_path(path)
+        return local if local is not None else io.BytesIO(path.read_bytes())
+
     try:
         # argparse.Namespace is what fairseq-era files use for their config; allow just that.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source(), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not allow_pickle:
             raise CheckpointError(
                 f"{path} needs full unpickling ({str(err).splitlines()[0]}); if you trust the file, "
                 "call load_fair_esm(..., allow_pickle=True)"
             ) from err
-    except (RuntimeError, EOFError, OSError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # ValueError: a truncated in-memory copy
         raise CheckpointError(
-            f"cannot read {path} ({path.stat().st_size} bytes): {err}; truncated or corrupt?"
+            f"cannot read {path} ({path.stat().length} bytes): {err}; truncated or corrupt?"
         ) from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(source(), map_location="cpu", weights_only=False)
     except ModuleNotFoundError as err:  # e.g. an omegaconf config object without omegaconf installed
         raise CheckpointError(f"unpickling {path} needs the module {err.name!r}; install it to load this file") from err
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
@@ -643,7 +649,7 @@ def load_fair_esm(
     """
     import torch
 
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise CheckpointError(f"fair-esm checkpoint not found: {path}")
     data = _torch_load(path, allow_pickle)

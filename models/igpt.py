@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from models import checkpoints, palette
 from models.pooling import masked_mean
@@ -445,7 +445,7 @@ def load(source: str, path: PathLike) -> tuple[IGPTConfig, dict]:
     return readers[source](path)
 
 
-def palette_source(source: str, path: PathLike | None, chosen: str | None) -> tuple[str, pathlib.Path | None]:
+def palette_source(source: str, path: PathLike | None, chosen: str | None) -> tuple[str, epath.Path | None]:
     """Where an iGPT's colour palette comes from: (kind, file), decided before any model is loaded.
 
     `chosen` (model.igpt.palette) a file (`preprocessor_config.json`, `.npy`) or a directory holding
@@ -459,7 +459,7 @@ def palette_source(source: str, path: PathLike | None, chosen: str | None) -> tu
     if chosen == FIT_PALETTE:
         return "fitted", None
     if chosen:
-        chosen_path = pathlib.Path(chosen)
+        chosen_path = epath.Path(chosen)
         if chosen_path.is_dir():
             return "file", palette.checkpoint_palette(chosen_path) or chosen_path
         return "file", chosen_path
@@ -475,14 +475,14 @@ def palette_source(source: str, path: PathLike | None, chosen: str | None) -> tu
             )
         return "checkpoint", found
     if source in ("trained", "untrained"):  # a model of a training workdir: the palette it trained with
-        return "trained", pathlib.Path(path) / "palette.npy"
+        return "trained", epath.Path(path) / "palette.npy"
     if source == "orbax" and path is not None and (found := palette.checkpoint_palette(path)) is not None:
         return "checkpoint", found  # saved with its clusters (experiments/export.py writes them)
     return "fitted", None
 
 
-def load_palette_for(kind: str, path: pathlib.Path | None, images: np.ndarray, n_colors: int, *, seed: int,
-                     workdir: pathlib.Path) -> tuple[np.ndarray, dict]:
+def load_palette_for(kind: str, path: epath.Path | None, images: np.ndarray, n_colors: int, *, seed: int,
+                     workdir: epath.Path) -> tuple[np.ndarray, dict]:
     """The palette `palette_source` named, loaded (or fitted on `images` and saved as workdir/palette.npy).
 
     Returns:
@@ -491,7 +491,7 @@ def load_palette_for(kind: str, path: pathlib.Path | None, images: np.ndarray, n
     if kind == "fitted":
         colours = palette.fit_palette(images if images.shape[-1] == 3 else np.repeat(images, 3, -1), n_colors,
                                       seed=seed)
-        path = palette.save_palette(pathlib.Path(workdir) / "palette.npy", colours)
+        path = palette.save_palette(epath.Path(workdir) / "palette.npy", colours)
     else:
         colours = palette.load_palette(path)
     return colours, {"kind": kind, "path": str(path), "n_colors": len(colours),

@@ -17,11 +17,11 @@ import functools
 import hashlib
 import json
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from experiments.files import atomic_save_npy
 
@@ -55,11 +55,11 @@ def _validate(palette: np.ndarray, source: str) -> np.ndarray:
 def load_palette(path: PathLike) -> np.ndarray:
     """Loads a palette: float32 [K, 3] in [-1, 1].
 
-    `path` is a HF `preprocessor_config.json` (key `clusters`), an `.npy` file (OpenAI's
-    `kmeans_centers.npy` or one written by `save_palette`), or a directory holding either
-    (the JSON is preferred).
+    `path` (local or any `etils.epath` URI, e.g. gs://) is a HF `preprocessor_config.json` (key `clusters`),
+    an `.npy` file (OpenAI's `kmeans_centers.npy` or one written by `save_palette`), or a directory holding
+    either (the JSON is preferred).
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if path.is_dir():
         for name in (PREPROCESSOR_CONFIG, KMEANS_CENTERS):
             if (path / name).is_file():
@@ -77,17 +77,18 @@ def load_palette(path: PathLike) -> np.ndarray:
         return _validate(np.asarray(config["clusters"], dtype=np.float32), str(path))
     if path.suffix == ".npy":
         try:
-            array = np.load(path, allow_pickle=False)
+            with path.open("rb") as f:
+                array = np.load(f, allow_pickle=False)
         except (ValueError, OSError) as err:
             raise PaletteError(f"{path}: not a readable .npy array ({err})") from err
         return _validate(array, str(path))
     raise PaletteError(f"{path}: expected a .json (HF preprocessor config) or .npy palette")
 
 
-def checkpoint_palette(directory: PathLike) -> pathlib.Path | None:
+def checkpoint_palette(directory: PathLike) -> epath.Path | None:
     """The file holding a checkpoint directory's own colour clusters: its `preprocessor_config.json`
     if that has `clusters`, else its `kmeans_centers.npy`; None when it has neither."""
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     if not directory.is_dir():
         return None
     config = directory / PREPROCESSOR_CONFIG
@@ -108,9 +109,9 @@ def palette_digest(palette: np.ndarray) -> str:
     return hashlib.sha256(repr(palette.shape).encode() + palette.tobytes()).hexdigest()[:16]
 
 
-def save_palette(path: PathLike, palette: np.ndarray) -> pathlib.Path:
+def save_palette(path: PathLike, palette: np.ndarray) -> epath.Path:
     """Writes the palette as float32 .npy (atomically); returns the path written."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if path.suffix != ".npy":
         path = path.with_suffix(".npy")
     palette = _validate(palette, "palette to save")

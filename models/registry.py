@@ -147,6 +147,8 @@ def load(name: str, source: str, path: str | None, *, size: str | None = None, o
     "random": `get_config(size, **overrides)` initialised with `seed`; any other source is the family's
     own `load` (its `SOURCES`). The sources that read a training workdir ("trained", "untrained") belong
     to the pipeline (`experiments.extract.family_model` through `experiments.train`), not to models/.
+    `path` (`model.path`) is local or any `etils.epath` URI (gs://bucket/...): the families read HF files through
+    epath and Orbax checkpoints through Orbax, which opens gs:// itself.
     """
     module = family(name)
     if source == "random":

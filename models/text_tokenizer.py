@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from models.checkpoints import CheckpointError, PathLike
 from models.protein_tokenizer import round_up
@@ -37,7 +37,7 @@ def checkpoint_max_length(path: PathLike) -> int:
     sentence_bert_config.json's `max_seq_length` when present (256 for all-MiniLM-L6-v2), capped by
     config.json's `max_position_embeddings` (512), which is the hard limit of the position table.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     limits = []
     st_file = path / "sentence_bert_config.json"
     if st_file.is_file():
@@ -59,12 +59,12 @@ def load_tokenizer(path: PathLike, max_length: int | None = None) -> TextTokeniz
     """
     from tokenizers import Tokenizer
 
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no tokenizer.json at {file}")
     try:
-        tok = Tokenizer.from_file(str(file))
+        tok = Tokenizer.from_str(file.read_bytes().decode())  # read through epath (local or gs://...), as UTF-8
     except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
         raise CheckpointError(f"cannot parse {file}: {err}") from err
     if max_length is None:
