@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
+import os
 import pathlib
 import re
 import sys
@@ -19,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-PathLike = str | pathlib.Path
+PathLike = str | os.PathLike
 LayersLike = Sequence[Any] | Mapping[str, Any] | PathLike | np.ndarray
 
 
@@ -94,6 +97,13 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     return out
 
 
+def _read_array(path: epath.Path, *, mmap: bool) -> np.ndarray:
+    """An .npy file: memory-mapped when local and `mmap`, else read whole (a gs:// or other URI through epath)."""
+    if mmap and "://" not in os.fspath(path):
+        return np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
+    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+
+
 def load_layers(layers: LayersLike, *, min_layers: int = 2) -> tuple[list[np.ndarray], list[str], np.ndarray | None]:
     """Per-layer (N, D) arrays from any accepted input, their names, and labels found beside them.
 
@@ -101,25 +111,27 @@ def load_layers(layers: LayersLike, *, min_layers: int = 2) -> tuple[list[np.nda
 
     layers: a list/tuple of (N, D) arrays (input embedding first), a dict name -> array (in its order),
       an (L, N, D) array, a directory of per-layer `.npy` files (natural order: layer_2 before
-      layer_10; a `labels.npy` there is the labels), or an `.npz` (key `labels` likewise).
+      layer_10; a `labels.npy` there is the labels), or an `.npz` (key `labels` likewise). A path may be
+      local (its .npy files memory-mapped) or a gs:// (any etils.epath) URI (read whole).
     """
     labels = None
-    if isinstance(layers, (str, pathlib.Path)):
-        path = pathlib.Path(layers)
+    if isinstance(layers, (str, os.PathLike)):
+        path = epath.Path(layers)
         if path.is_dir():
             files = sorted((p for p in path.glob("*.npy") if p.stem != "labels"), key=lambda p: _natural_key(p.name))
             if not files:
                 raise FileNotFoundError(f"{path} holds no .npy files; save one (N, D) array per layer there")
             if (path / "labels.npy").is_file():
-                labels = np.load(path / "labels.npy", allow_pickle=False)
-            named = {p.stem: np.load(p, mmap_mode="r") for p in files}
+                labels = _read_array(path / "labels.npy", mmap=False)
+            named = {p.stem: _read_array(p, mmap=True) for p in files}
         elif path.suffix == ".npz" and path.is_file():
-            with np.load(path, allow_pickle=False) as archive:
+            local = "://" not in os.fspath(path)
+            with np.load(os.fspath(path) if local else io.BytesIO(path.read_bytes()), allow_pickle=False) as archive:
                 keys = sorted((k for k in archive.files if k != "labels"), key=_natural_key)
                 named = {k: archive[k] for k in keys}
                 labels = archive["labels"] if "labels" in archive.files else None
         elif path.suffix == ".npy" and path.is_file():
-            named = {str(i): a for i, a in enumerate(np.load(path, mmap_mode="r"))}
+            named = {str(i): a for i, a in enumerate(_read_array(path, mmap=True))}
         else:
             raise FileNotFoundError(f"{path}: expected a directory of per-layer .npy files, an .npz or an .npy "
                                     "of shape (L, N, D)")

@@ -24,22 +24,6 @@ from experiments import datasets, files, image_datasets, protein_datasets, tenso
 from models import esm2, palette, registry
 
 
-@pytest.fixture
-def gs_memory_inputs(monkeypatch):
-    """gs:// paths served by an empty in-memory fsspec file system for the duration of a test."""
-    fsspec_memory = pytest.importorskip("fsspec.implementations.memory")
-    from etils.epath import backend, gpath
-
-    memory = fsspec_memory.MemoryFileSystem()
-    memory.store.clear()
-    memory.pseudo_dirs.clear()
-    memory.pseudo_dirs.append("")
-    monkeypatch.setattr(backend.fsspec_backend, "fs", lambda path: memory)
-    monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", backend.fsspec_backend)
-    monkeypatch.setenv("EPATH_USE_TF", "0")
-    return memory
-
-
 def upload(local: pathlib.Path, uri: str) -> epath.Path:
     """Copies a local file, or every file under a local directory, to `uri` in the store."""
     target = epath.Path(uri)
@@ -73,7 +57,7 @@ def scope_slice(shared_data, tmp_path) -> pathlib.Path:
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["fasta", "fasta.gz"])
-def test_scope_fasta_from_gs_equals_local(scope_slice, compressed, tmp_path, gs_memory_inputs):
+def test_scope_fasta_from_gs_equals_local(scope_slice, compressed, tmp_path, gs_memory):
     local = scope_slice
     if compressed:
         local = tmp_path / "scope.fa.gz"
@@ -94,7 +78,7 @@ def test_scope_fasta_from_gs_equals_local(scope_slice, compressed, tmp_path, gs_
     assert y.description["path"] == f"gs://bucket/data/{local.name}"
 
 
-def test_scope_text_from_gs_equals_local(scope_slice, gs_memory_inputs):
+def test_scope_text_from_gs_equals_local(scope_slice, gs_memory):
     remote = upload(scope_slice, "gs://bucket/data/scope.fa")
     a, b = text_datasets.scope_text_dataset(scope_slice), text_datasets.scope_text_dataset(remote)
     assert len(a) > 50
@@ -102,7 +86,7 @@ def test_scope_text_from_gs_equals_local(scope_slice, gs_memory_inputs):
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_missing_or_damaged_fasta_on_gs_named(tmp_path, gs_memory_inputs):
+def test_missing_or_damaged_fasta_on_gs_named(tmp_path, gs_memory):
     with pytest.raises(protein_datasets.FastaError, match=r"FASTA file not found: gs://bucket/none\.fa"):
         protein_datasets.read_scope_astral("gs://bucket/none.fa")
     epath.Path("gs://bucket/cut.fa.gz").write_bytes(gzip.compress(b">d1 a.1.1.1 x\nACDE\n")[:20])
@@ -117,7 +101,7 @@ def _planar(images: np.ndarray) -> np.ndarray:
     return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
 
 
-def test_npz_image_dataset_from_gs_equals_local(tmp_path, gs_memory_inputs):
+def test_npz_image_dataset_from_gs_equals_local(tmp_path, gs_memory):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (23, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(1, 11, 23)
@@ -140,7 +124,7 @@ def test_npz_image_dataset_from_gs_equals_local(tmp_path, gs_memory_inputs):
         image_datasets.load_imagenet32("gs://bucket/trunc.npz")
 
 
-def test_image_folder_from_gs_equals_local(tmp_path, gs_memory_inputs):
+def test_image_folder_from_gs_equals_local(tmp_path, gs_memory):
     from PIL import Image
 
     rng = np.random.default_rng(1)
@@ -163,7 +147,7 @@ def test_image_folder_from_gs_equals_local(tmp_path, gs_memory_inputs):
     assert (x.ids, x.labels.tolist()) == (y.ids, y.labels.tolist())
 
 
-def test_mnist_idx_from_gs_equals_local(tmp_path, gs_memory_inputs):
+def test_mnist_idx_from_gs_equals_local(tmp_path, gs_memory):
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
     labels = np.array([3, 1, 4, 1, 5], np.uint8)
@@ -177,7 +161,7 @@ def test_mnist_idx_from_gs_equals_local(tmp_path, gs_memory_inputs):
     np.testing.assert_array_equal(b.labels, a.labels)
 
 
-def test_cifar10_convnetjs_from_gs_equals_local(tmp_path, gs_memory_inputs):
+def test_cifar10_convnetjs_from_gs_equals_local(tmp_path, gs_memory):
     from PIL import Image
 
     rows = np.arange(1000 * 1024 * 3, dtype=np.int64).reshape(1000, 1024, 3)
@@ -193,7 +177,7 @@ def test_cifar10_convnetjs_from_gs_equals_local(tmp_path, gs_memory_inputs):
     np.testing.assert_array_equal(b.labels, labels)
 
 
-def test_heldout_record_on_gs(gs_memory_inputs):
+def test_heldout_record_on_gs(gs_memory):
     trained = [f"digits:{i}" for i in range(0, 1797, 3)]
     files.atomic_write_json("gs://bucket/run/data_split.json", {"train_ids": trained})
     kept = datasets.heldout_indices([f"digits:{i}" for i in range(1797)], "gs://bucket/run")
@@ -227,7 +211,7 @@ def tiny_esm2_hf(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     return path, params
 
 
-def test_hf_checkpoint_from_gs_loads_the_same_params(tiny_esm2_hf, tmp_path, gs_memory_inputs):
+def test_hf_checkpoint_from_gs_loads_the_same_params(tiny_esm2_hf, tmp_path, gs_memory):
     path, params = tiny_esm2_hf
     remote = upload(path, "gs://bucket/models/tiny_esm2")
     config_local, params_local = registry.load("esm2", "hf", str(path))
@@ -252,7 +236,7 @@ def test_hf_checkpoint_from_gs_loads_the_same_params(tiny_esm2_hf, tmp_path, gs_
     chex.assert_trees_all_equal(jax.device_get(params_sharded), params)
 
 
-def test_damaged_or_missing_checkpoint_on_gs_named(tiny_esm2_hf, gs_memory_inputs):
+def test_damaged_or_missing_checkpoint_on_gs_named(tiny_esm2_hf, gs_memory):
     path, _ = tiny_esm2_hf
     remote = upload(path, "gs://bucket/models/cut")
     raw = (path / "model.safetensors").read_bytes()
@@ -265,7 +249,7 @@ def test_damaged_or_missing_checkpoint_on_gs_named(tiny_esm2_hf, gs_memory_input
 
 
 @pytest.mark.torch
-def test_fair_esm_pt_from_gs_loads_the_same_params(tiny_esm2_hf, tmp_path, gs_memory_inputs):
+def test_fair_esm_pt_from_gs_loads_the_same_params(tiny_esm2_hf, tmp_path, gs_memory):
     import argparse
 
     torch = pytest.importorskip("torch")
@@ -289,7 +273,7 @@ def test_fair_esm_pt_from_gs_loads_the_same_params(tiny_esm2_hf, tmp_path, gs_me
         esm2.load_fair_esm("gs://bucket/models/cut.pt")
 
 
-def test_palette_files_on_gs(tmp_path, gs_memory_inputs):
+def test_palette_files_on_gs(tmp_path, gs_memory):
     colours = np.random.default_rng(3).uniform(-1, 1, (16, 3)).astype(np.float32)
     written = palette.save_palette("gs://bucket/run/palette", colours)
     assert str(written) == "gs://bucket/run/palette.npy"
@@ -305,7 +289,7 @@ def test_palette_files_on_gs(tmp_path, gs_memory_inputs):
     np.testing.assert_array_equal(palette.load_palette(ckpt), colours[::-1])
 
 
-def test_text_tokenizer_from_gs_equals_local(tmp_path, gs_memory_inputs):
+def test_text_tokenizer_from_gs_equals_local(tmp_path, gs_memory):
     from models import bert, text_tokenizer
 
     try:
@@ -328,7 +312,7 @@ def test_text_tokenizer_from_gs_equals_local(tmp_path, gs_memory_inputs):
 # Training records
 
 
-def test_append_bytes_local_and_gs(tmp_path, gs_memory_inputs):
+def test_append_bytes_local_and_gs(tmp_path, gs_memory):
     for path in (tmp_path / "log" / "a.bin", epath.Path("gs://bucket/log/a.bin")):
         files.append_bytes(path, b"one\n")
         files.append_bytes(path, b"two\n")
@@ -338,7 +322,7 @@ def test_append_bytes_local_and_gs(tmp_path, gs_memory_inputs):
     assert str(files.absolute("gs://bucket/x")) == "gs://bucket/x"
 
 
-def test_metrics_log_on_gs_equals_local(tmp_path, gs_memory_inputs, monkeypatch):
+def test_metrics_log_on_gs_equals_local(tmp_path, gs_memory, monkeypatch):
     monkeypatch.setattr(tensorboard, "_FILES", {})  # event files of other tests' directories are not ours
     records = [{"kind": "eval", "step": 0, "loss": 3.5}, {"kind": "train", "step": 4, "loss": 3.0, "lr": 0.1},
                {"kind": "eval", "step": 4, "loss": 2.9}, {"kind": "train", "step": 8, "loss": 2.5, "lr": 0.05}]
@@ -371,7 +355,7 @@ def _payloads_without_wall_time(data: bytes) -> list[bytes]:
     return out
 
 
-def test_loss_plot_and_damaged_checkpoint_moves_on_gs(tmp_path, gs_memory_inputs, monkeypatch):
+def test_loss_plot_and_damaged_checkpoint_moves_on_gs(tmp_path, gs_memory, monkeypatch):
     monkeypatch.setattr(tensorboard, "_FILES", {})
     for workdir in (epath.Path(tmp_path / "run"), epath.Path("gs://bucket/run")):
         files.atomic_write_json(workdir / "model_config.json", {"family": "esm2", "config": {}})
@@ -392,3 +376,38 @@ def test_loss_plot_and_damaged_checkpoint_moves_on_gs(tmp_path, gs_memory_inputs
         # No temporary left behind (an object store keeps no empty "checkpoints" directory).
         assert {p.name for p in workdir.iterdir()} - {"checkpoints"} == {
             "checkpoints_damaged", "loss.pdf", "loss_curve.png", "metrics.jsonl", "model_config.json", "tensorboard"}
+
+
+def test_per_layer_arrays_from_gs_equal_local(gs_memory, tmp_path):
+    """`idjax.load_layers` (the reader behind `data.name=arrays` and `idjax.profile(path)`) on a directory of
+    .npy files with labels, an .npz and one (L, N, D) .npy: gs:// gives the local arrays, names and labels."""
+    from experiments import array_data, store
+    from idjax.layer_profile import load_layers
+
+    rng = np.random.default_rng(0)
+    stacked = rng.normal(size=(3, 40, 5)).astype(np.float32)
+    labels = np.arange(40) % 4
+    folder = tmp_path / "layers"
+    folder.mkdir()
+    for i, layer in enumerate(stacked):
+        np.save(folder / f"layer_{i}.npy", layer)
+    np.save(folder / "labels.npy", labels)
+    np.savez(tmp_path / "layers.npz", layer_0=stacked[0], layer_1=stacked[1], labels=labels)
+    np.save(tmp_path / "stacked.npy", stacked)
+    for local in (folder, tmp_path / "layers.npz", tmp_path / "stacked.npy"):
+        remote = upload(local, f"gs://bucket/{local.name}")
+        want, got = load_layers(local, min_layers=1), load_layers(remote, min_layers=1)
+        assert got[1] == want[1]
+        for a, b in zip(got[0], want[0], strict=True):
+            np.testing.assert_array_equal(a, b)
+        if want[2] is None:
+            assert got[2] is None
+        else:
+            np.testing.assert_array_equal(got[2], want[2])
+    config = base.analysis_config()
+    config.data.update(name="arrays", path="gs://bucket/layers")
+    manifest = array_data.extract(config, "gs://bucket/run/representations", "fp")
+    reps = store.load("gs://bucket/run/representations")
+    assert manifest["n_examples"] == 40
+    np.testing.assert_array_equal(np.asarray(reps.layers[2]), stacked[2])
+    np.testing.assert_array_equal(np.asarray(reps.labels), labels)
