@@ -2,7 +2,8 @@
 
   idjax profile PATH [--labels FILE] [--out DIR] [--option KEY=VALUE ...]
       the layer profile of your own per-layer arrays (a directory of .npy files, an .npz, or an
-      (L, N, D) .npy): results.json, profile.npz, figures (PNG + PDF) and report.md in DIR
+      (L, N, D) .npy): results.json, profile.npz, figures (PNG + PDF) and report.md in DIR (paths local
+      or gs:// and other etils.epath URIs)
   idjax run --config=configs/X.py[:arg] --workdir=DIR [--config.KEY=VALUE ...]
       the pipeline, exactly as `python launch.py ...` in a clone
   idjax --help | --version
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import os
-import pathlib
 import sys
 from collections.abc import Sequence
+
+from etils import epath
 
 import idjax
 from idjax import layer_profile
@@ -46,10 +49,10 @@ def profile_command(args: argparse.Namespace) -> int:
 
     labels = None
     if args.labels:
-        labels = np.load(args.labels, allow_pickle=False)
+        labels = np.load(io.BytesIO(epath.Path(args.labels).read_bytes()), allow_pickle=False)
     options = dict(_parse_option(option) for option in args.option)
-    out = pathlib.Path(args.out)
-    result = idjax.profile(args.path, labels, workdir=out, name=args.name or pathlib.Path(args.path).name,
+    out = epath.Path(args.out)
+    result = idjax.profile(args.path, labels, workdir=out, name=args.name or epath.Path(args.path).name,
                            **options)
     result.save(out)
     figures = result.plot(out)

@@ -248,11 +248,11 @@ class Profile:
     def adjacent_overlap(self) -> np.ndarray:
         return self.arrays["adjacent_overlap"]
 
-    def save(self, directory: PathLike) -> pathlib.Path:
-        """Writes results.json and profile.npz (the pipeline's names) atomically; returns the directory."""
+    def save(self, directory: PathLike) -> epath.Path:
+        """Writes results.json and profile.npz (the pipeline's names) atomically into `directory` (local or a
+        gs:// / any etils.epath URI); returns the directory."""
         files = import_pipeline("experiments.files")
-        directory = pathlib.Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = epath.Path(directory)
         files.atomic_save_npz(directory / "profile.npz", **self.arrays)
         files.atomic_write_json(directory / "results.json", {**self.summary, "layer_names": self.layer_names},
                                 checksum=True)
@@ -262,17 +262,17 @@ class Profile:
     def load(cls, directory: PathLike) -> Profile:
         """Reads a profile saved by `save` or written by the pipeline (`launch.py`) into `directory`."""
         files = import_pipeline("experiments.files")
-        directory = pathlib.Path(directory)
+        directory = epath.Path(directory)
         fix = f"re-run the profile that wrote {directory}"
         summary = files.read_json(directory / "results.json", fix=fix)  # checksums verified
         arrays = files.load_npz(directory / "profile.npz", fix=fix)
         names = summary.get("layer_names") or [str(i) for i in range(len(arrays["id"]))]
         return cls(summary, arrays, names)
 
-    def plot(self, directory: PathLike, name: str | None = None) -> list[pathlib.Path]:
-        """The pipeline's figures (PNG + PDF) for this profile; returns their paths."""
+    def plot(self, directory: PathLike, name: str | None = None) -> list[epath.Path]:
+        """The pipeline's figures (PNG + PDF) for this profile, written into `directory`; returns their paths."""
         report = import_pipeline("experiments.report")
-        return [pathlib.Path(p) for p in report.write_figures(pathlib.Path(directory), [
+        return [epath.Path(p) for p in report.write_figures(epath.Path(directory), [
             (name or self.summary.get("name", "profile"), self.summary, self.arrays)])]
 
     def to_markdown(self) -> str:
@@ -295,7 +295,8 @@ def profile(layers: LayersLike, labels: Any = None, *, workdir: PathLike | None 
         per-layer .npy files, or an .npz (see `load_layers`).
       labels: (N,) class labels (integers or strings) for the label overlap, or None. A `labels.npy`
         in the directory / `labels` in the .npz is used when this is None.
-      workdir: where each layer's metrics are cached (a rerun resumes there); None: a temporary directory.
+      workdir: where each layer's metrics are cached (a rerun resumes there; local or an etils.epath URI such as
+        gs://); None: a temporary directory.
       seed: the decimation subsets' seed (layer l uses seed + l, as the pipeline does).
       **options: any key of the pipeline's `config.profile` (configs/base.py), e.g. k_max=32,
         id_estimator="twonn_decimated", duplicates="error", label_ks=(10, 30).
@@ -312,9 +313,9 @@ def profile(layers: LayersLike, labels: Any = None, *, workdir: PathLike | None 
                                  {"metadata": {"label_names": label_names}})
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="idjax_profile_") as cache:
-            summary, out = pipeline.compute_profile(reps, cfg, pathlib.Path(cache), seed=seed)
+            summary, out = pipeline.compute_profile(reps, cfg, epath.Path(cache), seed=seed)
     else:
-        cache = pathlib.Path(workdir) / "profile_layers"
+        cache = epath.Path(workdir) / "profile_layers"
         cache.mkdir(parents=True, exist_ok=True)
         summary, out = pipeline.compute_profile(reps, cfg, cache, seed=seed)
     summary = {"name": name, "label_names": label_names, **summary, "layer_names": names,

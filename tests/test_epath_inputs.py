@@ -411,3 +411,26 @@ def test_per_layer_arrays_from_gs_equal_local(gs_memory, tmp_path):
     assert manifest["n_examples"] == 40
     np.testing.assert_array_equal(np.asarray(reps.layers[2]), stacked[2])
     np.testing.assert_array_equal(np.asarray(reps.labels), labels)
+
+
+@pytest.mark.slow
+def test_idjax_profile_reads_and_writes_gs(gs_memory, tmp_path):
+    """`idjax.profile` on arrays at a gs:// URI with a gs:// cache, then `Profile.save`, `.load` and `.plot` there:
+    the same IDs as the profile of the local copy, and every file in the store."""
+    import idjax
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "layers"
+    folder.mkdir()
+    for i in range(3):
+        np.save(folder / f"layer_{i}.npy", rng.normal(size=(60, 4 + i)).astype(np.float32))
+    upload(folder, "gs://bucket/layers")
+    options = dict(k_max=8, gride_range_max=8, gride_rank=8, decimation=False, label_ks=(5,), overlap_k=5)
+    want = idjax.profile(folder, **options)
+    got = idjax.profile("gs://bucket/layers", workdir="gs://bucket/cache", **options)
+    np.testing.assert_array_equal(got.id, want.id)
+    assert list(epath.Path("gs://bucket/cache/profile_layers").iterdir())  # per-layer caches in the store
+    got.save("gs://bucket/out")
+    np.testing.assert_array_equal(idjax.Profile.load("gs://bucket/out").id, want.id)
+    figures = got.plot("gs://bucket/out")
+    assert figures and all(str(f).startswith("gs://") and f.exists() for f in figures)
