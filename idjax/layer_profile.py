@@ -269,10 +269,11 @@ class Profile:
         names = summary.get("layer_names") or [str(i) for i in range(len(arrays["id"]))]
         return cls(summary, arrays, names)
 
-    def plot(self, directory: PathLike, name: str | None = None) -> list[epath.Path]:
-        """The pipeline's figures (PNG + PDF) for this profile, written into `directory`; returns their paths."""
-        report = import_pipeline("experiments.report")
-        return [epath.Path(p) for p in report.write_figures(epath.Path(directory), [
+    def plot(self, directory: PathLike, name: str | None = None) -> list[pathlib.Path | epath.Path]:
+        """The pipeline's figures (PNG + PDF) for this profile, written into `directory`; returns their paths
+        (`pathlib.Path` on the local disk, `epath.Path` for a gs:// or other URI)."""
+        files, report = import_pipeline("experiments.files"), import_pipeline("experiments.report")
+        return [files.local_path(p) or epath.Path(p) for p in report.write_figures(epath.Path(directory), [
             (name or self.summary.get("name", "profile"), self.summary, self.arrays)])]
 
     def to_markdown(self) -> str:
