@@ -114,7 +114,7 @@ def memory_table(shapes: str) -> None:
     device = jax.devices()[0]
     print(f"XLA on {device.platform} ({device.device_kind}), float32, MB = 10^6 bytes\n")
     print("| family | size | batch x tokens | planner: params + activations (MB) | XLA: arguments + temp + output (MB) "
-          "| planner / XLA | activations: planner / XLA | peak in use (MB) |")
+          "| planner / XLA | activations: planner / XLA temp + output | peak in use (MB) |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for shape in shapes.split(","):
         family, size, batch, seq_len = shape.split(":")
@@ -125,7 +125,7 @@ def memory_table(shapes: str) -> None:
         print(f"| {family} | {size} | {batch} x {seq_len} | {r['planner_params'] / 1e6:.0f} + "
               f"{r['planner_activations'] / 1e6:.0f} | {r['xla_arguments'] / 1e6:.0f} + {r['xla_temp'] / 1e6:.0f} + "
               f"{r['xla_output'] / 1e6:.1f} | {planner / xla:.2f} | "
-              f"{r['planner_activations'] / (xla - r['planner_params']):.2f} | {peak} |", flush=True)
+              f"{r['planner_activations'] / (r['xla_temp'] + r['xla_output']):.2f} | {peak} |", flush=True)
 
 
 def main() -> None:
