@@ -129,3 +129,41 @@ def test_a_killed_process_ends_the_job_and_a_rerun_resumes(tmp_path):
     assert codes == [0, 0], output
     n_batches = len(files.read_json(directory / store.PLAN, fix="")["batches"])
     assert store.read_manifest(directory)["metadata"]["batches_computed_this_run"] == n_batches - len(stored)
+
+
+BARRIER_JOB = """
+import sys, time
+from experiments import distributed
+process = int(sys.argv[2])
+distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, process, barrier=3)
+if process == 1:
+    time.sleep(60)  # hung, or busy elsewhere
+distributed.barrier("test: both here")
+"""
+
+
+@pytest.mark.slow
+def test_a_barrier_timeout_names_the_process_that_did_not_arrive(tmp_path):
+    """Process 1 never reaches the barrier: after the 3 s barrier timeout process 0 fails naming it, and the
+    failure ends process 1 too."""
+    port, logs = free_port(), []
+    start = time.monotonic()
+    procs = []
+    for process in (0, 1):
+        logs.append(open(tmp_path / f"p{process}.log", "w"))  # closed below
+        procs.append(subprocess.Popen([sys.executable, "-c", BARRIER_JOB, str(port), str(process)],
+                                      env=fake_device_env(1), cwd=REPO, stdout=logs[-1], stderr=subprocess.STDOUT))
+    try:
+        codes = [proc.wait(timeout=BOUND_S) for proc in procs]
+    finally:
+        for proc, log in zip(procs, logs, strict=True):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    zero, one = ((tmp_path / f"p{i}.log").read_text() for i in (0, 1))
+    assert codes == [distributed.FAILED_EXIT_CODE, distributed.PEER_FAILED_EXIT_CODE], zero + one
+    assert time.monotonic() - start < 50  # not the 60 s process 1 would sleep
+    assert "BarrierError: barrier 'test: both here' failed after waiting up to 3 s; processes that did not " \
+           "arrive: 1 " in zero, zero
+    assert "stopping process 1: process 0 of the job failed: BarrierError" in one, one
