@@ -23,9 +23,10 @@ heartbeats stop (100 s). Here, with several processes:
   * every process runs a watcher thread that reads those records every `POLL_SECONDS`: on another
     process's failure it prints "stopping process j: process i failed: <error>" and exits
     `PEER_FAILED_EXIT_CODE` (3);
-  * a process killed outright (SIGKILL, OOM killer, lost host) writes nothing: a collective with it fails
-    on its peers at once (gloo: connection closed), which the failure path reports, or else JAX's
-    heartbeat check ends every process after `heartbeat` seconds naming the dead task;
+  * a process killed outright (SIGKILL, OOM killer, lost host) writes nothing, and its peers stay blocked
+    in their collective with it (gloo does not notice on CPU): JAX's heartbeat check ends them after
+    `heartbeat` seconds, naming the task that stopped sending heartbeats; a lost process 0 ends the
+    others at once (JAX: the coordination service cannot be reached);
   * `barrier` is the coordination service's barrier with a timeout; when it expires the error names
     the processes that did not arrive.
 Stores and other results are safe either way: every file is written atomically and a store is complete

@@ -11,9 +11,8 @@ for ever (README, multi-host section).
 The bound, `BOUND_S` wall seconds for the whole job including JAX's start and the compilation: process 1
 fails after its first batch, ~10-20 s into the run on this shared 2-core machine; a recorded failure
 reaches the other process within `distributed.POLL_SECONDS` (0.5 s), plus at most `ACK_SECONDS` (5 s)
-when process 0 is the one failing; a SIGKILL is seen at once by the peer's next collective (gloo: the
-connection closes) or, at the latest, after the heartbeat timeout, 10 s here. The surviving process must
-also exit within `AFTER_S` of the failing one.
+when process 0 is the one failing; a SIGKILL is seen through JAX's heartbeat check, 10 s here. The
+surviving process must also exit within `AFTER_S` of the failing one (measured: the same second).
 """
 
 from __future__ import annotations
