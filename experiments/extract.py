@@ -202,6 +202,7 @@ def _planner_inputs(config: Any, params: Any, model_settings: ml_collections.Con
             seq_len = min(seq_len, int(own.max_residues) + 2)
         positions = _first_attribute(config, ("n_positions", "max_position_embeddings"))
         seq_len = min(seq_len, positions) if positions else seq_len
+        seq_len = -(-seq_len // 16) * 16  # the encoders pad token arrays to a multiple of 16 positions
     if dims["width"] is None or dims["num_layers"] is None:
         raise ValueError(f"extract.batch_size='auto' cannot read the width and layer count of {type(config).__name__}"
                          "; set extract.batch_size to an integer")

@@ -90,8 +90,9 @@ def test_auto_batch_size_takes_the_plan():
     config.extract.device_memory_bytes = budget
     examples = extract.load_examples(config.data)
     encoder = extract.build_encoder(config.model, examples, "auto", None, config.extract)
-    # Tiny ESM-2: 2 layers, width 64, 4 heads, float32; the longest protein + <cls> and <eos> tokens.
-    longest = max(len(s) for s in examples.inputs) + 2
+    # Tiny ESM-2: 2 layers, width 64, 4 heads, float32; the longest protein + <cls> and <eos> tokens, padded to
+    # a multiple of 16 as the encoder does.
+    longest = -(-(max(len(s) for s in examples.inputs) + 2) // 16) * 16
     params = extract._load_family(config.model)[2]
     param_bytes = 4 * sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
     want = int((0.9 * budget - param_bytes) // _example_bytes_by_hand(longest, 64, 2, 4, 4))
