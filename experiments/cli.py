@@ -54,6 +54,13 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process j
                                    "(also IDJAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job: the number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process job: this process's index, 0..num_processes-1.")
+# Defaults: experiments.distributed.Timeouts.
+_TIMEOUTS = {name: flags.DEFINE_integer(f"{name}_timeout_seconds", None, f"Multi-process job: {what} (also "
+                                        f"IDJAX_{name.upper()}_TIMEOUT_SECONDS).")
+             for name, what in (("initialization", "how long startup waits for every process to join"),
+                                ("heartbeat", "a process silent this long is declared dead and the job ends"),
+                                ("barrier", "the longest wait for the other processes at a barrier"),
+                                ("shutdown", "how long a finished process waits for the others to finish"))}
 
 EXPERIMENTS = {
     "extract": ("experiments.extract", "run"),
@@ -134,6 +141,8 @@ flags:
   --print_config        print the resolved config (after overrides) and exit
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
                         one process of a multi-process job (jax.distributed; process 0 writes shared files)
+  --heartbeat_timeout_seconds=30 --barrier_timeout_seconds=3600 (also --initialization_, --shutdown_)
+                        multi-process limits; a failed or lost process ends every process of the job
   --verbose             full tracebacks for errors (also IDJAX_DEBUG=1)
   --helpfull            every absl flag, including library ones
 
@@ -517,17 +526,20 @@ def main(argv: Sequence[str]) -> None:
         if sweep_only and not _SWEEP.value:
             raise UserError(f"{', '.join(sweep_only)} act on a sweep: add --sweep (the config file's get_sweep)")
         if _SWEEP.value:
-            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   **{name: flag.value for name, flag in _TIMEOUTS.items()})
             run_sweep(config, workdir, index=_SWEEP_INDEX.value, count=_SWEEP_COUNT.value, summarize=_SUMMARIZE.value)
         else:
             problems = preflight(config, workdir)  # config mistakes are named before any process joins a job
             if problems:
                 raise UserError("; ".join(problems))
-            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   **{name: flag.value for name, flag in _TIMEOUTS.items()})
             run_one(config, workdir)
     except (UserError, *USER_ERRORS) as err:
         if _debug() or _VERBOSE.value:
             raise
+        distributed.fail_job(_user_message(err))  # several processes: tells the others, exits without waiting
         fail(_user_message(err), code=1)
 
 

@@ -81,20 +81,30 @@ class ExtractionPlan(NamedTuple):
     usable_bytes: int
 
 
-def example_bytes(seq_len: int, width: int, num_layers: int, dtype_bytes: int) -> int:
-    """Activation bytes of one example in a forward pass that returns every layer's states.
+def example_bytes(seq_len: int, width: int, num_layers: int, dtype_bytes: int, *, num_heads: int | None = None,
+                  ffn_dim: int | None = None) -> int:
+    """Activation bytes of one example of `seq_len` tokens in a family's pooled extraction (`pooled_hidden_states`).
 
-    (L + 1) hidden states of T x D (kept until pooled), the live tensors of one block (residual, q, k, v,
-    attention output, and the 4 D wide feed-forward, about 12 T x D) and the attention scores of every
-    head (T x T per 64 channels, heads = D / 64).
+    dtype_bytes x T x (4 D + 2 F) for the live [T, D] and [T, F] tensors of one block (F = `ffn_dim`, default
+    4 D), plus 4 x 3 H T^2 for the float32 attention scores (H = `num_heads`, default D / 64: logits,
+    probabilities, and the copy XLA's `dot_product_attention` keeps), plus the float32 pooled (L + 1) x D output
+    and the int32 token arrays. Every layer's [T, D] state is pooled as it comes and not kept: XLA's temporary
+    memory for ESM-2 is the same at 2 and 16 layers. Checked against XLA's compiled memory analysis of each
+    family on CPU (`benchmarks/extraction_bench.py --memory`, `tests/test_extraction_memory.py`): the plan
+    (params + batch x this) is an upper bound of XLA's arguments + temporaries + outputs and at most 4x them
+    (measured 1.1-2.5x for the published ESM-2, iGPT and MiniLM sizes with heads_major attention; activations
+    alone 1.4-2.9x; the xla attention implementation keeps all three score copies and comes closest).
     """
-    values = seq_len * width * (num_layers + 1 + 12) + seq_len * seq_len * max(1, width // 64)
-    return int(values * dtype_bytes)
+    heads = num_heads or max(1, width // 64)
+    ffn = ffn_dim or 4 * width
+    return int(dtype_bytes * seq_len * (4 * width + 2 * ffn) + 4 * 3 * heads * seq_len * seq_len
+               + 4 * (num_layers + 1) * width + 8 * seq_len)
 
 
 def plan_extraction(*, device_memory_bytes: int, param_bytes: int, seq_len: int, width: int, num_layers: int,
                     devices: int, dtype_bytes: int = 4, headroom: float = 0.9, max_batch_per_device: int = 256,
-                    model_parallel: int = 0) -> ExtractionPlan:
+                    model_parallel: int = 0, num_heads: int | None = None, ffn_dim: int | None = None
+                    ) -> ExtractionPlan:
     """The batch size per device and the param sharding an extraction fits in.
 
     Per device: usable = headroom * device_memory_bytes must hold the params (param_bytes / m with FSDP over
@@ -114,7 +124,7 @@ def plan_extraction(*, device_memory_bytes: int, param_bytes: int, seq_len: int,
     if not 0 < headroom <= 1:
         raise ValueError(f"plan_extraction: headroom={headroom} must be in (0, 1]")
     usable = int(headroom * device_memory_bytes)
-    per_example = example_bytes(seq_len, width, num_layers, dtype_bytes)
+    per_example = example_bytes(seq_len, width, num_layers, dtype_bytes, num_heads=num_heads, ffn_dim=ffn_dim)
     layer = -(-param_bytes // num_layers)
     if model_parallel:
         if devices % model_parallel:
@@ -137,7 +147,7 @@ def plan_extraction(*, device_memory_bytes: int, param_bytes: int, seq_len: int,
     fixes = [f"shorter sequences (one example of {seq_len} tokens needs {per_example / gib:.2f} GiB of "
              "activations: lower esm2.max_residues or crop)"]
     if dtype_bytes > 2:
-        fixes.append("bfloat16 (model.<family>.dtype='bfloat16': half the params and activations)")
+        fixes.append("bfloat16 (model.<family>.dtype='bfloat16': half the params and most activations)")
     if need_devices is not None:
         fixes.append(f"more devices: params split over {need_devices} devices "
                      f"(--config.extract.model_parallel={need_devices}) fit")
@@ -168,14 +178,22 @@ def _first_attribute(config: Any, names: Sequence[str]) -> int | None:
     return next((int(getattr(config, n)) for n in names if getattr(config, n, None) is not None), None)
 
 
+def model_dims(config: Any) -> dict:
+    """width, num_layers, num_heads and ffn_dim (None where the config has none) of a family's config, as
+    `example_bytes` and `plan_extraction` take them."""
+    return {"width": _first_attribute(config, ("embed_dim", "n_embd", "hidden_size")),
+            "num_layers": _first_attribute(config, ("num_layers", "n_layer")),
+            "num_heads": _first_attribute(config, ("num_heads", "n_head")),
+            "ffn_dim": _first_attribute(config, ("ffn_dim",))}
+
+
 def _planner_inputs(config: Any, params: Any, model_settings: ml_collections.ConfigDict,
                     examples: Examples) -> dict:
-    """seq_len, width, num_layers, param and activation dtype bytes of a family model, for `plan_extraction`."""
+    """seq_len, the `model_dims`, param and activation dtype bytes of a family model, for `plan_extraction`."""
     own = model_settings.get(model_settings.family) or {}
     dtype = own.get("dtype", getattr(config, "dtype", "float32")) if hasattr(own, "get") else "float32"
     dtype_bytes = 2 if str(dtype) in ("bfloat16", "float16") else 4
-    width = _first_attribute(config, ("embed_dim", "n_embd", "hidden_size"))
-    num_layers = _first_attribute(config, ("num_layers", "n_layer"))
+    dims = model_dims(config)
     if isinstance(examples.inputs, np.ndarray):  # images: one token per pixel and a start token
         seq_len = int(np.prod(examples.inputs.shape[1:3])) + 1
     else:  # sequences, texts: characters + 2 specials bound the tokens
@@ -184,14 +202,14 @@ def _planner_inputs(config: Any, params: Any, model_settings: ml_collections.Con
             seq_len = min(seq_len, int(own.max_residues) + 2)
         positions = _first_attribute(config, ("n_positions", "max_position_embeddings"))
         seq_len = min(seq_len, positions) if positions else seq_len
-    if width is None or num_layers is None:
+        seq_len = -(-seq_len // 16) * 16  # the encoders pad token arrays to a multiple of 16 positions
+    if dims["width"] is None or dims["num_layers"] is None:
         raise ValueError(f"extract.batch_size='auto' cannot read the width and layer count of {type(config).__name__}"
                          "; set extract.batch_size to an integer")
     param_bytes = sum(int(np.size(leaf)) * (dtype_bytes if np.issubdtype(np.asarray(leaf).dtype, np.floating)
                                             else np.asarray(leaf).dtype.itemsize)
                       for leaf in jax.tree_util.tree_leaves(params))
-    return {"seq_len": seq_len, "width": width, "num_layers": num_layers, "dtype_bytes": dtype_bytes,
-            "param_bytes": param_bytes}
+    return {"seq_len": seq_len, **dims, "dtype_bytes": dtype_bytes, "param_bytes": param_bytes}
 
 
 def use_mesh(settings: ml_collections.ConfigDict) -> bool:

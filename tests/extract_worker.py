@@ -6,11 +6,14 @@ XLA_FLAGS=--xla_force_host_platform_device_count=<devices> in this process's env
 
     python tests/extract_worker.py --family esm2 --workdir W [--batch-size 6] [--sharding always]
         [--model-parallel 2] [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
-        [--kill-after K] [--record written.json] [--timing timing.json --repeats R]
+        [--kill-after K | --raise-after K | --raise-at-start] [--record written.json]
+        [--timing timing.json --repeats R]
 
 One process of a multi-process job joins through `experiments.distributed.initialize` (as launch.py's
 flags do). --record: the files this process renamed into place under the workdir (every atomic write
-ends in `os.replace`), as JSON. --kill-after K: SIGKILL this process right after it stored K batches.
+ends in `os.replace`), as JSON. Failure injection (tests only): --kill-after K: SIGKILL this process right
+after it stored K batches; --raise-after K: raise a RuntimeError there instead; --raise-at-start: raise one
+before the extraction's first collective (uncaught, as a bug would be: `distributed`'s handler takes it).
 --timing: examples/s of the extraction (the model built and compiled before the clock starts; the best of
 --repeats fresh extractions).
 """
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--kill-after", type=int, default=0)
+    parser.add_argument("--raise-after", type=int, default=0)
+    parser.add_argument("--raise-at-start", action="store_true")
     parser.add_argument("--record", default=None)
     parser.add_argument("--timing", default=None)
     parser.add_argument("--repeats", type=int, default=1)
@@ -93,16 +98,21 @@ def main(argv=None) -> int:
             written.append(str(pathlib.Path(dst).absolute().relative_to(workdir)))
 
     os.replace = recording_replace
-    if args.kill_after:
+    if args.kill_after or args.raise_after:
         real_write, stored = store.write_batch, []
 
-        def write_then_die(*a, **k):
+        def write_then_fail(*a, **k):
             real_write(*a, **k)
             stored.append(1)
-            if len(stored) >= args.kill_after:
+            if len(stored) == args.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if len(stored) == args.raise_after:
+                raise RuntimeError(f"injected failure in process {top.process_index} after storing {len(stored)} "
+                                   "batch(es)")
 
-        store.write_batch = write_then_die
+        store.write_batch = write_then_fail
+    if args.raise_at_start:
+        raise RuntimeError(f"injected failure in process {top.process_index} before the first collective")
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     config = config_for(args.family, batch_size, args.sharding, args.model_parallel, args.n)
     timing = {}

@@ -15,7 +15,8 @@ from experiments import distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A job started from the environment would join the test's processes to it.
-DISTRIBUTED_ENV = (distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID)
+DISTRIBUTED_ENV = (distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID,
+                   *(distributed.timeout_env(name) for name in distributed.Timeouts._fields))
 
 
 def fake_device_env(devices: int) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Extraction on a mesh of all devices of all processes equals the single-device run; the memory planner.
+"""Extraction on a mesh of all devices of all processes equals the single-device run (the memory planner:
+tests/test_extraction_memory.py).
 
 The multi-device runs happen in subprocesses (tests/extract_worker.py; the device count is fixed when jax
 starts): 8 fake CPU devices in one process, and 2 processes x 4 devices joined by `jax.distributed` over
@@ -25,84 +26,6 @@ from tests.processes import fake_device_env, free_port
 WORKER = pathlib.Path(__file__).with_name("extract_worker.py")
 REPO = WORKER.parents[1]
 TIMEOUT_S = 300
-GB = 10**9
-
-
-# ---------------------------------------------------------------------------------------------------
-# The memory planner, on synthetic numbers worked out by hand
-
-ESM2_15B = {"param_count": 15_135_000_000, "width": 5120, "num_layers": 48, "seq_len": 1024}
-
-
-def _example_bytes_by_hand(seq_len: int, width: int, num_layers: int, dtype_bytes: int) -> int:
-    hidden_states = (num_layers + 1) * seq_len * width  # every layer's output, kept until pooled
-    one_block = 12 * seq_len * width  # residual, q, k, v, attention out, 4 D feed-forward, ...
-    scores = seq_len * seq_len * (width // 64)  # one T x T matrix per 64-channel head
-    return (hidden_states + one_block + scores) * dtype_bytes
-
-
-def test_esm2_15b_on_80gb_devices_needs_fsdp_in_float32_not_in_bfloat16():
-    usable = 0.9 * 0.75 * 80 * GB  # JAX preallocates 75% of an 80 GB GPU; the plan fills 90% of that: 54 GB
-    m = ESM2_15B
-    fp32_params = 4 * m["param_count"]  # 60.5 GB > 54 GB: replicated does not fit
-    plan = extract.plan_extraction(device_memory_bytes=int(0.75 * 80 * GB), param_bytes=fp32_params,
-                                   seq_len=m["seq_len"], width=m["width"], num_layers=m["num_layers"], devices=8)
-    # Over 2 devices: 30.27 GB of params + one layer gathered (1.26 GB) leaves 22.47 GB; one 1024-residue
-    # example: 61 * 1024 * 5120 + 1024^2 * 80 = 403.7M values, 1.615 GB in float32 -> 13 per device.
-    per_example = _example_bytes_by_hand(1024, 5120, 48, 4)
-    assert per_example == 4 * (61 * 1024 * 5120 + 1024 * 1024 * 80) == 1_614_807_040
-    assert (plan.model_parallel, plan.fsdp) == (2, True)
-    assert plan.batch_per_device == int((usable - fp32_params / 2 - fp32_params / 48) // per_example) == 13
-    bf16 = extract.plan_extraction(device_memory_bytes=int(0.75 * 80 * GB), param_bytes=2 * m["param_count"],
-                                   seq_len=1024, width=5120, num_layers=48, devices=8, dtype_bytes=2)
-    # Replicated: 54 - 30.27 = 23.73 GB over 0.807 GB per example -> 29 per device, no FSDP.
-    assert (bf16.model_parallel, bf16.fsdp) == (1, False)
-    assert bf16.batch_per_device == int((usable - 2 * m["param_count"]) // (per_example // 2)) == 29
-
-
-def test_plan_that_cannot_fit_names_what_would():
-    with pytest.raises(MemoryError) as err:  # 15B float32 on one 24 GB device
-        extract.plan_extraction(device_memory_bytes=24 * GB, param_bytes=4 * ESM2_15B["param_count"], seq_len=1024,
-                                width=5120, num_layers=48, devices=1)
-    message = str(err.value)
-    for needle in ("does not fit", "shorter sequences", "bfloat16", "more devices",
-                   "--config.extract.model_parallel=4"):  # 21.6 GB usable: 60.5/3 + 1.26 + 1.61 = 23.1 too much,
-        assert needle in message, message  # 60.5/4 + 1.26 + 1.61 = 18.0 fits
-    # A fixed model_parallel is used as given; a count that does not divide the devices is refused.
-    plan = extract.plan_extraction(device_memory_bytes=80 * GB, param_bytes=8 * GB, seq_len=100, width=64,
-                                   num_layers=4, devices=8, model_parallel=4)
-    assert (plan.model_parallel, plan.param_bytes_per_device) == (4, 2 * GB + 2 * GB)
-    assert plan.batch_per_device == 256  # capped
-    with pytest.raises(ValueError, match="must divide the 8 devices"):
-        extract.plan_extraction(device_memory_bytes=80 * GB, param_bytes=GB, seq_len=100, width=64, num_layers=4,
-                                devices=8, model_parallel=3)
-    with pytest.raises(ValueError, match="seq_len=0"):
-        extract.plan_extraction(device_memory_bytes=GB, param_bytes=GB, seq_len=0, width=64, num_layers=4, devices=1)
-
-
-@pytest.mark.slow  # initialises the model twice: ~5-15 s on a shared 2-core machine
-def test_auto_batch_size_takes_the_plan():
-    """extract.batch_size="auto" on one device: the plan's batch per device is the encoder's batch size."""
-    config = config_for("esm2", "auto", "never", 0, n=12)
-    budget = 1_300_000
-    config.extract.device_memory_bytes = budget
-    examples = extract.load_examples(config.data)
-    encoder = extract.build_encoder(config.model, examples, "auto", None, config.extract)
-    # Tiny ESM-2: 2 layers, width 64, float32; the longest protein + <cls> and <eos> tokens.
-    longest = max(len(s) for s in examples.inputs) + 2
-    params = extract._load_family(config.model)[2]
-    param_bytes = 4 * sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
-    want = int((0.9 * budget - param_bytes) // _example_bytes_by_hand(longest, 64, 2, 4))
-    assert 1 < want < 12
-    assert [len(b) for b in encoder.plan][:-1] == [want] * (12 // want - (12 % want == 0))
-    with pytest.raises(ValueError, match="integer extract.batch_size"):
-        extract.build_encoder(_own_model_settings(), examples, "auto", None, config.extract)
-
-
-def _own_model_settings():
-    settings = config_for("esm2", 6, "never", 0).model
-    settings.encoder = "tests.extract_worker:proteins"
-    return settings
 
 
 # ---------------------------------------------------------------------------------------------------
