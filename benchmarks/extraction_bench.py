@@ -2,6 +2,7 @@
 with --memory, the extraction memory planner against XLA's own accounting of the compiled extraction.
 
     .venv/bin/python benchmarks/extraction_bench.py [--devices 1,2,4,8] [--n 384] [--batch-size 32] [--repeats 3]
+        [--platform cpu|gpu|tpu] [--size tiny|8M|35M|150M|650M|...] [--lengths 8,28]
     .venv/bin/python benchmarks/extraction_bench.py --memory [--shapes esm2:8M:16:256,bert:minilm:32:128]
 
 Every row runs `experiments.extract.run` in its own subprocess (tests/extract_worker.py; the fake CPU device
@@ -13,7 +14,11 @@ batch files, layer files and manifest included. Row "1 (plain)" is the single-de
 (`extract.sharding=never`); "overhead" compares the sharded path on 1 device with it (target: within 10%).
 
 Fake CPU devices share this machine's cores, so the rows show the cost of the sharded path, not a
-speed-up; on a GPU/TPU host each device computes its own share of the batch.
+speed-up; on a GPU/TPU host each device computes its own share of the batch: `--platform gpu` runs row P on
+the host's first P GPUs (CUDA_VISIBLE_DEVICES=0..P-1, no fake devices), `--platform tpu` on all the host's
+chips (a TPU host cannot be cut per process here, so `--devices` must be its chip count; another count is
+refused). There a realistic model and length make sense: e.g. `--size 650M --lengths 100,500 --n 8192
+--batch-size 256`.
 
 --memory: for each family:size:batch:seq_len, the family's real pooled-extraction function (its public
 `pooled_hidden_states`, float32, params given as shapes only) is compiled for this machine's default device
@@ -26,6 +31,7 @@ bytes + batch x `extract.example_bytes`. On a GPU/TPU the function also runs onc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -42,15 +48,33 @@ MEMORY_SHAPES = ("esm2:8M:16:256,esm2:8M:4:1024,esm2:35M:8:512,esm2:150M:4:512,e
                  "igpt:s:8:1024,igpt:m:2:1024,bert:minilm:32:128,bert:minilm:8:512")
 
 
-def run_one(devices: int, sharding: str, n: int, batch_size: int, repeats: int, scratch: pathlib.Path) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+def row_environment(platform: str, devices: int, base: dict[str, str]) -> dict[str, str]:
+    """The environment of the subprocess that times `devices` devices: P fake CPU devices, the first P GPUs, or
+    (TPU) the host's chips as they are."""
+    env = dict(base, PYTHONPATH=f"{REPO}{os.pathsep}{base.get('PYTHONPATH', '')}")
+    if platform == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    elif platform == "gpu":
+        env["JAX_PLATFORMS"] = "cuda"
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(devices))
+    elif platform == "tpu":
+        env["JAX_PLATFORMS"] = "tpu"
+    else:
+        raise ValueError(f"--platform {platform!r}: expected cpu, gpu or tpu")
+    return env
+
+
+def run_one(devices: int, sharding: str, n: int, batch_size: int, repeats: int, scratch: pathlib.Path,
+            platform: str = "cpu", size: str = "tiny", lengths: str = "8,28") -> dict:
+    env = row_environment(platform, devices, dict(os.environ))
     tag = f"d{devices}_{sharding}"
     timing = scratch / f"{tag}.json"
     proc = subprocess.run([sys.executable, str(WORKER), "--family", "esm2", "--workdir", str(scratch / tag),
                            "--n", str(n), "--batch-size", str(batch_size), "--sharding", sharding,
-                           "--timing", str(timing), "--repeats", str(repeats)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--timing", str(timing), "--repeats", str(repeats), "--size", size, "--lengths", lengths,
+                           "--expect-devices", str(0 if platform == "cpu" or sharding == "never" else devices)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         raise RuntimeError(f"{tag} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(timing.read_text())
@@ -134,6 +158,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=384)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--platform", default="cpu", choices=["cpu", "gpu", "tpu"],
+                        help="cpu: P fake devices per row; gpu: the first P GPUs; tpu: the host's chips")
+    parser.add_argument("--size", default="tiny", help="the random ESM-2's size (tiny, 8M, 35M, 150M, 650M, 3B, 15B)")
+    parser.add_argument("--lengths", default="8,28", help="LO,HI residues of the random proteins")
     parser.add_argument("--memory", action="store_true", help="the memory planner against XLA, no timing")
     parser.add_argument("--shapes", default=MEMORY_SHAPES, help="--memory: family:size:batch:seq_len,...")
     args = parser.parse_args()
@@ -142,14 +170,17 @@ def main() -> None:
         return
     counts = [int(d) for d in args.devices.split(",")]
     rows = []
+    run = functools.partial(run_one, n=args.n, batch_size=args.batch_size, repeats=args.repeats,
+                            platform=args.platform, size=args.size, lengths=args.lengths)
     with tempfile.TemporaryDirectory() as scratch:
-        plain = run_one(1, "never", args.n, args.batch_size, args.repeats, pathlib.Path(scratch))
+        plain = run(1, "never", scratch=pathlib.Path(scratch))  # the single-device path: one device of any host
         rows.append(("1 (plain)", plain))
         for devices in counts:
-            rows.append((str(devices), run_one(devices, "always", args.n, args.batch_size, args.repeats,
-                                                 pathlib.Path(scratch))))
+            rows.append((str(devices), run(devices, "always", scratch=pathlib.Path(scratch))))
     plain_rate = plain["examples"] / plain["seconds"]
-    print(f"tiny ESM-2, {args.n} proteins (8-28 residues), global batch {args.batch_size}, best of {args.repeats}\n")
+    lo, hi = args.lengths.split(",")
+    print(f"random ESM-2 {args.size} on {args.platform}, {args.n} proteins ({lo}-{hi} residues), global batch "
+          f"{args.batch_size}, best of {args.repeats}\n")
     print("| devices | seconds | examples/s | vs plain |")
     print("|---|---:|---:|---:|")
     for name, t in rows:

@@ -31,26 +31,28 @@ import time
 import numpy as np
 
 N_PROTEINS = 24
+LENGTHS = (8, 28)  # residues per random protein, inclusive; --lengths sets them (benchmarks on real devices)
 
 
 def proteins(cfg) -> object:
-    """A seeded random protein set (lengths 8..28: two padded widths, two compilations; three labels): the
-    data source of the ESM-2 runs."""
+    """A seeded random protein set (lengths `LENGTHS`, by default 8..28: two padded widths, two compilations; three
+    labels): the data source of the ESM-2 runs."""
     from experiments.datasets import Examples
 
     rng = np.random.default_rng(7)
     alphabet = np.array(list("LAGVSERTIDPKQNFYMHWC"))
     n = int(cfg.get("max_examples") or N_PROTEINS)
-    seqs = tuple("".join(rng.choice(alphabet, int(rng.integers(8, 29)))) for _ in range(n))
+    seqs = tuple("".join(rng.choice(alphabet, int(rng.integers(LENGTHS[0], LENGTHS[1] + 1)))) for _ in range(n))
     return Examples(seqs, labels=np.arange(n) % 3, ids=tuple(f"p{i}" for i in range(n)),
                     label_names=("a", "b", "c"), description={"source": "random proteins"})
 
 
-def config_for(family: str, batch_size: int | str, sharding: str, model_parallel: int, n: int | None = None):
+def config_for(family: str, batch_size: int | str, sharding: str, model_parallel: int, n: int | None = None,
+               size: str = "tiny"):
     from configs import base
 
     config = base.analysis_config()
-    config.model.source, config.model.size, config.model.seed = "random", "tiny", 0
+    config.model.source, config.model.size, config.model.seed = "random", size, 0
     if family == "esm2":
         config.model.family = "esm2"
         config.data.source = "tests.extract_worker:proteins"
@@ -83,11 +85,22 @@ def main(argv=None) -> int:
     parser.add_argument("--record", default=None)
     parser.add_argument("--timing", default=None)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--size", default="tiny", help="the random model's size (esm2: tiny, 8M, 35M, 150M, 650M, ...)")
+    parser.add_argument("--lengths", default=None, help="LO,HI residues of the random proteins (default 8,28)")
+    parser.add_argument("--expect-devices", type=int, default=0,
+                        help="refuse to run unless jax sees exactly this many devices (real accelerators)")
     args = parser.parse_args(argv)
 
     from experiments import distributed, extract, store
 
     top = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.expect_devices and top.device_count != args.expect_devices:
+        raise SystemExit(f"jax sees {top.device_count} {top.platform} device(s), {args.expect_devices} were asked for: "
+                         "on a TPU host every row uses all its chips (pass --devices <that count>)")
+    if args.lengths:
+        import tests.extract_worker as source  # the module data.source imports, not this __main__
+
+        source.LENGTHS = tuple(int(v) for v in args.lengths.split(","))
     workdir = pathlib.Path(args.workdir).absolute()
     written: list[str] = []
     real_replace = os.replace
@@ -114,7 +127,7 @@ def main(argv=None) -> int:
     if args.raise_at_start:
         raise RuntimeError(f"injected failure in process {top.process_index} before the first collective")
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    config = config_for(args.family, batch_size, args.sharding, args.model_parallel, args.n)
+    config = config_for(args.family, batch_size, args.sharding, args.model_parallel, args.n, args.size)
     timing = {}
     if args.timing:  # build and compile first (one throwaway workdir), so the clock sees extraction only
         extract.run(config, workdir.with_name(workdir.name + "_warmup"))

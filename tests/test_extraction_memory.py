@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks.extraction_bench import planner_vs_xla
+from benchmarks.extraction_bench import planner_vs_xla, row_environment
 from experiments import extract
 from tests.extract_worker import config_for
 
@@ -120,3 +120,14 @@ def test_planner_bounds_xla_compiled_memory(family, size, batch, seq_len, attent
     xla = r["xla_arguments"] + r["xla_temp"] + r["xla_output"]
     assert xla <= planner <= XLA_BOUND_FACTOR * xla, (r, planner / xla)
     assert r["xla_temp"] + r["xla_output"] <= r["planner_activations"], r  # the activations alone, too
+
+
+def test_benchmark_rows_see_fake_cpus_the_first_gpus_or_the_tpu_host():
+    cpu = row_environment("cpu", 4, {"XLA_FLAGS": "--xla_cpu_foo=1"})
+    assert cpu["JAX_PLATFORMS"] == "cpu"
+    assert cpu["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=4"
+    gpu = row_environment("gpu", 4, {})
+    assert gpu["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and "XLA_FLAGS" not in gpu
+    assert row_environment("tpu", 8, {})["JAX_PLATFORMS"] == "tpu"
+    with pytest.raises(ValueError, match="expected cpu, gpu or tpu"):
+        row_environment("rocm", 1, {})
