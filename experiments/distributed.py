@@ -47,6 +47,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -228,6 +229,36 @@ def barrier(name: str) -> None:
             "failed, or still working: see their logs; a legitimately slow step needs a larger "
             f"--barrier_timeout_seconds or {timeout_env('barrier')}). JAX: {' '.join(str(err).split())[:400]}"
         ) from err
+
+
+def share_from_writer(key: str, produce: Callable[[], str]) -> str:
+    """`produce()` computed on process 0 only, and the same string returned on every process.
+
+    It goes through the coordination service's key-value store, not a JAX collective, so it may run while a
+    function is being traced (e.g. a choice that decides which program to compile, which every process must
+    make alike). One process: `produce()`. Every process must ask for each `key` (once per process; a second
+    call with the same key returns process 0's first value).
+
+    Raises:
+      BarrierError when process 0 has not published the value within the barrier timeout.
+    """
+    if jax.process_count() == 1:
+        return produce()
+    client, name = _client(), f"idjax/shared/{key}"
+    if is_writer():
+        try:
+            return client.key_value_try_get(name)
+        except jax.errors.JaxRuntimeError:  # not published yet: the usual case
+            value = produce()
+            client.key_value_set(name, value)
+            return value
+    seconds = _Job.timeouts.barrier
+    try:
+        return client.blocking_key_value_get(name, seconds * 1000)
+    except jax.errors.JaxRuntimeError as err:
+        raise BarrierError(f"process 0 did not publish {key!r} within {seconds} s (hung, failed, or still working: "
+                           f"see its log; raise --barrier_timeout_seconds or {timeout_env('barrier')}). "
+                           f"JAX: {' '.join(str(err).split())[:300]}") from err
 
 
 def _failures(client: Any) -> dict[int, str]:

@@ -20,8 +20,9 @@ choice: a lower precision changes the outputs, which the choice must not do.
 Cache: `$IDJAX_CACHE_DIR/attention_choice.json` (default `$XDG_CACHE_HOME/idjax`, else `~/.cache/idjax`),
 one entry per key with every candidate's time; delete the file to measure again. Writes are atomic;
 two processes probing at once may each write, and the last one's entries win (the other's are measured
-again next time). In a multi-process JAX job every process takes process 0's choice, so all of them
-compile the same program.
+again next time). In a multi-process JAX job only process 0 measures, and every other process takes its
+choice through JAX's coordination service (`experiments.distributed.share_from_writer`; not a collective,
+since the choice is made while the model is traced), so all of them compile the same program.
 """
 
 from __future__ import annotations
@@ -186,15 +187,6 @@ def _read_cache(path: pathlib.Path) -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
-def _agree_across_processes(name: str) -> str:
-    if jax.process_count() == 1:
-        return name
-    from jax.experimental import multihost_utils
-
-    index = multihost_utils.broadcast_one_to_all(np.int32(IMPLEMENTATIONS.index(name)))
-    return IMPLEMENTATIONS[int(index)]
-
-
 _chosen: dict[str, str] = {}
 
 
@@ -211,16 +203,26 @@ def choose(shape: Sequence[int], dtype, *, measure: Callable[..., dict] | None =
         return "heads_major"
     key = choice_key(shape, dtype)
     if key not in _chosen:
-        path = cache_path()
-        entry = _read_cache(path).get(key)
-        if not (isinstance(entry, dict) and entry.get("choice") in IMPLEMENTATIONS):
-            seconds = (measure or time_candidates)(shape, dtype, candidates(dtype))
-            entry = {"choice": min(seconds, key=seconds.get), "shape": list(shape),
-                     "ms": {name: round(s * 1e3, 3) for name, s in seconds.items()}}
-            log.info("attention for %s: %s (measured, ms: %s)", key, entry["choice"], entry["ms"])
-            _record(path, key, entry)
-        _chosen[key] = _agree_across_processes(entry["choice"])
+        from experiments import distributed
+
+        # Process 0 measures (or reads its cache) and the others take its answer: every process then compiles
+        # the same program. Not a JAX collective: this runs while the caller's function is being traced.
+        _chosen[key] = distributed.share_from_writer(f"attention/{key}", lambda: _measured_choice(key, shape, dtype,
+                                                                                                 measure))
     return _chosen[key]
+
+
+def _measured_choice(key: str, shape: Sequence[int], dtype, measure: Callable | None) -> str:
+    """This process's choice for `key`: from the cache file, else measured now and recorded."""
+    path = cache_path()
+    entry = _read_cache(path).get(key)
+    if not (isinstance(entry, dict) and entry.get("choice") in IMPLEMENTATIONS):
+        seconds = (measure or time_candidates)(shape, dtype, candidates(dtype))
+        entry = {"choice": min(seconds, key=seconds.get), "shape": list(shape),
+                 "ms": {name: round(s * 1e3, 3) for name, s in seconds.items()}}
+        log.info("attention for %s: %s (measured, ms: %s)", key, entry["choice"], entry["ms"])
+        _record(path, key, entry)
+    return entry["choice"]
 
 
 def _record(path: pathlib.Path, key: str, entry: dict) -> None:

@@ -131,3 +131,23 @@ def test_auto_measures_inside_a_jit_trace_and_computes_the_same(fresh_cache):
     np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, key_mask), atol=2e-6, rtol=1e-5)
     (entry,) = json.loads(fresh_cache.read_text()).values()
     assert entry["shape"] == [8, 64, 16, 16] and entry["choice"] == min(entry["ms"], key=entry["ms"].get)
+
+
+@pytest.mark.slow
+def test_every_process_of_a_job_takes_process_0s_choice_made_while_tracing(tmp_path):
+    """Two processes whose own measurements disagree: both compile process 0's choice, only process 0 measures,
+    and the choice is exchanged during the jit trace (where a JAX collective cannot run)."""
+    import sys
+
+    from tests import processes
+
+    port = processes.free_port()
+    commands = [[sys.executable, str(processes.REPO / "tests" / "attention_worker.py"), "--port", str(port),
+                 "--process-id", str(i), "--cache-dir", str(tmp_path / f"cache{i}"),
+                 "--out", str(tmp_path / f"out{i}.json")] for i in range(2)]
+    codes, logs = processes.run_job(commands, 1, tmp_path, 240)
+    assert codes == [0, 0], f"2-process attention choice failed or hung ({codes}):\n{logs}"
+    results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    assert [r["choice"] for r in results] == ["einsum", "einsum"]
+    assert results[0]["measured"] == [[8, 64, 16, 16]] and results[1]["measured"] == []
+    assert results[0]["sum"] == pytest.approx(results[1]["sum"], rel=1e-6)

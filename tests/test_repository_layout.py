@@ -1,5 +1,6 @@
 """Package layering: the geometry library stays free of the pipeline, and the pipeline's file helpers
-(experiments/files.py) are a leaf that models/ may use without an import cycle."""
+(experiments/files.py) and multi-process helpers (experiments/distributed.py) are leaves that models/ may use
+without an import cycle."""
 
 import ast
 import pathlib
@@ -30,11 +31,19 @@ def test_files_module_imports_only_the_standard_library_numpy_and_epath():
     assert imported <= allowed, f"experiments/files.py must stay a leaf; it imports {sorted(imported - allowed)}"
 
 
+def test_distributed_module_imports_no_pipeline_module():
+    used = {name.split(".")[0] for name in _imports(REPO / "experiments" / "distributed.py", top_level_only=False)}
+    assert not used & PIPELINE_PACKAGES, f"experiments/distributed.py must stay a leaf; it imports {sorted(used)}"
+
+
+LEAVES = ("experiments.files", "experiments.distributed")
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "models").glob("*.py")), ids=lambda p: p.name)
-def test_models_use_only_the_files_module_of_experiments(path):
+def test_models_use_only_the_leaf_modules_of_experiments(path):
     used = {name for name in _imports(path, top_level_only=False) if name.split(".")[0] == "experiments"}
-    other = {name for name in used if name != "experiments" and not name.startswith("experiments.files")}
-    assert not other, f"{path.name} imports {sorted(other)}; models/ may only use experiments.files"
+    other = {name for name in used if name != "experiments" and not name.startswith(LEAVES)}
+    assert not other, f"{path.name} imports {sorted(other)}; models/ may only use {', '.join(LEAVES)}"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "idjax").glob("*.py")), ids=lambda p: p.name)
