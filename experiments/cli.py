@@ -74,7 +74,8 @@ EXPERIMENTS = {
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # Errors a user can act on (bad values, paths, data, checkpoints, memory); anything else is a bug and
 # keeps its traceback.
-USER_ERRORS = (ValueError, OSError, MemoryError, app.UsageError, RuntimeError)
+# ImportError: a backend the environment lacks, e.g. gcsfs for a gs:// path ("Please install gcsfs ...")
+USER_ERRORS = (ValueError, OSError, MemoryError, app.UsageError, RuntimeError, ImportError)
 
 
 class UserError(Exception):

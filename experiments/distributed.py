@@ -23,10 +23,13 @@ heartbeats stop (100 s). Here, with several processes:
   * every process runs a watcher thread that reads those records every `POLL_SECONDS`: on another
     process's failure it prints "stopping process j: process i failed: <error>" and exits
     `PEER_FAILED_EXIT_CODE` (3);
-  * a process killed outright (SIGKILL, OOM killer, lost host) writes nothing, and its peers stay blocked
-    in their collective with it (gloo does not notice on CPU): JAX's heartbeat check ends them after
-    `heartbeat` seconds, naming the task that stopped sending heartbeats; a lost process 0 ends the
-    others at once (JAX: the coordination service cannot be reached);
+  * a process killed outright (SIGKILL, OOM killer, lost host) writes nothing. A peer in a collective with
+    it whose transport notices the closed connection (gloo on CPU, within seconds) gets an error naming
+    the broken connection: it exits `PEER_FAILED_EXIT_CODE` saying that another process was lost, and the
+    others follow through their watchers. A peer that is not told (a frozen host, or a transport that
+    waits) stays blocked until JAX's heartbeat check ends it after `heartbeat` seconds, naming the task
+    that stopped sending heartbeats; a lost process 0 ends the others at once. Those two endings are
+    JAX's own fatal errors: exit status 134 (SIGABRT) with a native stack dump;
   * `barrier` is the coordination service's barrier with a timeout; when it expires the error names
     the processes that did not arrive.
 Stores and other results are safe either way: every file is written atomically and a store is complete
@@ -61,6 +64,8 @@ DATA_AXIS, MODEL_AXIS = "data", "model"
 FAILED_EXIT_CODE = 1  # this process failed
 PEER_FAILED_EXIT_CODE = 3  # this process was stopped because another process of the job failed or was lost
 POLL_SECONDS = 0.5  # how often the watcher reads the failure records
+# Errors of a collective whose other side vanished (gloo on CPU notices a killed peer's closed socket at once):
+LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 ACK_SECONDS = 5.0  # how long a failing process 0 keeps the coordination service up for the others to read why
 _FAILED_KEY, _SEEN_KEY, _ARRIVED_KEY = "idjax/failed/", "idjax/seen/", "idjax/arrived/"
 
@@ -307,6 +312,9 @@ def fail_job(message: str) -> None:
         earlier = {p: why for p, why in _failures(client).items() if p != me}
         if earlier:
             _stop_for_peer(client, me, earlier)
+        if any(sign in text for sign in LOST_PEER_SIGNS):  # a peer vanished mid-collective: not this process's fault
+            _exit_now(f"stopping process {me} of {count}: a collective with another process of the job broke (that "
+                      f"process was killed or its host lost; its log says why): {text}", PEER_FAILED_EXIT_CODE)
         client.key_value_set(f"{_FAILED_KEY}{me}", f"{text} (host {socket.gethostname()}, pid {os.getpid()})")
     except jax.errors.JaxRuntimeError as err:  # the service (process 0) is gone: say so, exit all the same
         _exit_now(f"process {me} of {count} failed: {text}; the job's coordinator (process 0) cannot be reached "

@@ -114,13 +114,15 @@ def test_an_exception_in_one_process_ends_every_process_with_its_reason(tmp_path
 
 @pytest.mark.slow
 def test_a_killed_process_ends_the_job_and_a_rerun_resumes(tmp_path):
-    """SIGKILL leaves no record: JAX's heartbeat check (10 s here) ends process 0, naming the dead task 1."""
+    """SIGKILL leaves no record: process 0 ends either through its broken collective (gloo notices the closed
+    connection), saying a peer was lost, or through JAX's heartbeat check (10 s here), naming the dead task 1."""
     codes, seconds, output = _job(tmp_path / "w", tmp_path, ["--kill-after", "1"])
     _assert_ended_promptly(codes, seconds, output)
     assert codes[1] == -9, output
     assert seconds[0] - seconds[1] < HEARTBEAT_S + 5, f"process 0 outlived process 1 by {seconds[0] - seconds[1]} s"
     zero = (tmp_path / "p0.log").read_text()
-    assert "The following tasks are unhealthy (stopped sending heartbeats):\n1\n" in zero, output
+    assert ("The following tasks are unhealthy (stopped sending heartbeats):\n1\n" in zero
+            or "a collective with another process of the job broke" in zero), output
     directory = store.store_dir(tmp_path / "w")
     stored = store.finished_batches(directory)
     assert stored and not store.is_complete(directory)
