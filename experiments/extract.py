@@ -19,6 +19,7 @@ researcher's own model runs per process, without the mesh, on that process's bat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -448,9 +449,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     with files.workdir_lock(workdir, "extract", process_index=process):
         if home == files.canonical_path(workdir):
             return _run(config, directory)
-        if not store.is_complete(directory):
-            logging.info("waiting for the shared store %s (another job may be extracting it)", directory)
-        with files.workdir_lock(home, "extract", wait=True, process_index=process):
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(files.workdir_lock(home, "extract", process_index=process))
+            except files.WorkdirBusyError:  # only a job that really waits says so
+                logging.info("waiting for the shared store %s: another job is extracting it", directory)
+                held.enter_context(files.workdir_lock(home, "extract", wait=True, process_index=process))
             return _run(config, directory)
 
 

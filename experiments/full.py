@@ -6,7 +6,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from experiments import extract, profile
+from experiments import distributed, extract, profile
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
@@ -30,7 +30,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
             config.model.path = str(train_dir)
     extract.run(config, workdir)
     results = profile.run(config, workdir)
-    _print_summary(results, workdir)
+    if distributed.is_writer():  # the other processes of a job hold no figures or results files to name
+        _print_summary(results, workdir)
     return results
 
 

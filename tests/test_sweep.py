@@ -205,7 +205,7 @@ HOLD_LOCK = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_a_job_reaching_a_store_being_extracted_waits_then_uses_it(tmp_path, monkeypatch):
+def test_a_job_reaching_a_store_being_extracted_waits_then_uses_it(tmp_path, monkeypatch, caplog):
     (tmp_path / "user" / "user_wait").mkdir(parents=True)
     (tmp_path / "user" / "user_wait" / "__init__.py").write_text("")
     (tmp_path / "user" / "user_wait" / "net.py").write_text(COUNTING_MODEL)
@@ -225,12 +225,24 @@ def test_a_job_reaching_a_store_being_extracted_waits_then_uses_it(tmp_path, mon
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "held"  # another job is extracting this store
-        extract.run(config, tmp_path / "a")  # waits for it, then extracts (the holder wrote nothing)
+        with caplog.at_level("INFO"):
+            extract.run(config, tmp_path / "a")  # waits for it, then extracts (the holder wrote nothing)
+        assert "another job is extracting it" in caplog.text  # said only by a job that waits (below: not)
         assert (tmp_path / "released").is_file()  # it did wait for the holder
         assert holder.wait(timeout=30) == 0
     finally:
         holder.kill()
         holder.wait()
     assert len((tmp_path / "calls").read_text().splitlines()) == 2
-    extract.run(config, tmp_path / "b")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        extract.run(config, tmp_path / "b")
     assert len((tmp_path / "calls").read_text().splitlines()) == 2  # found complete: no model call
+    assert "already complete" in caplog.text and "another job is extracting it" not in caplog.text
+    other = config.copy_and_resolve_references()
+    other.data.max_examples = 60  # another store, which nobody holds: extracted at once, without "waiting"
+    cli.share_store(other, tmp_path / "c", tmp_path)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        extract.run(other, tmp_path / "c")
+    assert store.is_complete(store.store_dir(tmp_path / "c")) and "another job is extracting it" not in caplog.text
