@@ -191,11 +191,12 @@ def publish(local_file: pathlib.Path, path: epath.PathLike) -> None:
 
 
 def atomic_save_figure(fig: Any, path: epath.PathLike, **savefig_kwargs: Any) -> epath.Path:
-    """Saves a matplotlib figure in the format its suffix names (.png, .pdf), atomically: rendered to
-    bytes first (a rendering error leaves nothing), then written through `atomic_open`."""
+    """Saves a matplotlib figure in the format its suffix names (.png, .pdf; no suffix: matplotlib's default
+    format), atomically: rendered to bytes first (a rendering error leaves nothing), then written through
+    `atomic_open`."""
     path = epath.Path(path)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=path.suffix.removeprefix("."), **savefig_kwargs)
+    fig.savefig(buffer, format=path.suffix.removeprefix(".") or None, **savefig_kwargs)
     with atomic_open(path) as f:
         f.write(buffer.getvalue())
     return path

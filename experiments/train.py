@@ -74,7 +74,7 @@ from experiments.files import (
     CorruptFileError,
     absolute,
     append_bytes,
-    atomic_open,
+    atomic_save_figure,
     atomic_write_json,
     atomic_write_text,
     workdir_lock,
@@ -706,7 +706,6 @@ def plot_metrics(
     ax.legend()
     fig.tight_layout()
     out = epath.Path(out) if out is not None else workdir / "loss_curve.png"
-    with atomic_open(out) as f:
-        fig.savefig(f, format=out.suffix[1:] or None)
+    atomic_save_figure(fig, out)
     plt.close(fig)
     return out
